@@ -7,7 +7,7 @@ __all__ = ['PRECISIONS', 'SWITCHES', 'lr_at', 'param_groups', 'make_optimizer', 
            'load_checkpoint_file', 'git_commit', 'environment_info', 'setup_distributed', 'TrainingError', 'train',
            'threading_main', 'run_evaluation', 'read_metrics', 'plot_run', 'train_cli']
 
-# %% ../nbs/09_train.ipynb #9f05ac26
+# %% ../nbs/09_train.ipynb #1384fe68
 import os, re, sys, json, math, time, signal, shutil, random, subprocess, platform, warnings, glob
 from pathlib import Path
 from contextlib import nullcontext
@@ -21,7 +21,7 @@ from .encoders import IMAGE_ENCODERS, TEXT_ENCODERS
 from .pipeline import parse_data_spec, open_train_data, make_train_loader
 from .losses import world_info
 
-# %% ../nbs/09_train.ipynb #b297d2ba
+# %% ../nbs/09_train.ipynb #6861a397
 def lr_at(step, total_steps, lr, base_lr, warmup_steps, min_lr=0.):
     "The official schedule: lr at 1-based `step`, linear warm-up base_lr -> lr, then cosine to min_lr."
     if warmup_steps > 1 and step < warmup_steps:
@@ -30,7 +30,7 @@ def lr_at(step, total_steps, lr, base_lr, warmup_steps, min_lr=0.):
     t = min(1., max(0., (step - warmup_steps) / span))
     return min_lr + (lr - min_lr) * (1 + math.cos(math.pi * t)) / 2
 
-# %% ../nbs/09_train.ipynb #e049eed6
+# %% ../nbs/09_train.ipynb #180ce453
 def param_groups(model, weight_decay):
     "Two AdamW groups: decayed weights, and biases / norm weights / logit scales without decay."
     norm_types = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
@@ -50,7 +50,7 @@ def make_optimizer(model, lr, weight_decay, device):
     kw = dict(fused=True) if device.type == 'cuda' else {}
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-8, **kw)
 
-# %% ../nbs/09_train.ipynb #55473c29
+# %% ../nbs/09_train.ipynb #91210409
 PRECISIONS = ('fp32', 'bf16', 'fp16')
 SWITCHES = ('multi_view', 'image_ssl', 'text_ssl', 'nn', 'simclr', 'filip', 'contrastive_text', 'mlm_causal',
             'nn_random_init', 'filip_padding', 'nn_queue_size', 'embed_dim', 'freeze_patch_embed')
@@ -69,10 +69,11 @@ def parse_eval_data(eval_data):
         out.append((name, spec, tmpl or None))
     return out
 
-# %% ../nbs/09_train.ipynb #db2dce27
+# %% ../nbs/09_train.ipynb #31c6f1b2
 def atomic_save(obj, path):
     "torch.save to a temporary file in the same folder, fsync, then rename over `path`."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp*"): stale.unlink(missing_ok=True)   # left by a killed writer
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, 'wb') as f:
         torch.save(obj, f); f.flush(); os.fsync(f.fileno())
@@ -84,7 +85,7 @@ def load_checkpoint_file(path, map_location='cpu'):
     if not path.exists(): raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     return torch.load(path, map_location=map_location, weights_only=True)
 
-# %% ../nbs/09_train.ipynb #60c5d166
+# %% ../nbs/09_train.ipynb #d7c1d4e0
 def git_commit():
     "The git commit of the working tree (with '+dirty' when it has uncommitted changes), or None."
     try:
@@ -104,7 +105,7 @@ def environment_info(device):
     if device.type == 'cuda': info['cuda_device'] = torch.cuda.get_device_name(device); info['cuda'] = torch.version.cuda
     return info
 
-# %% ../nbs/09_train.ipynb #5517e2cf
+# %% ../nbs/09_train.ipynb #a6c8e49b
 def setup_distributed(device=None):
     "Join the process group when launched by torchrun; return (rank, world_size, local_rank, device)."
     world = int(os.environ.get('WORLD_SIZE', '1'))
@@ -117,7 +118,7 @@ def setup_distributed(device=None):
     rank, world = world_info()
     return rank, world, local, device
 
-# %% ../nbs/09_train.ipynb #d9883b74
+# %% ../nbs/09_train.ipynb #ece09e95
 class TrainingError(RuntimeError):
     "A run stopped for a reason the user must act on (e.g. repeated non-finite losses)."
 
@@ -146,7 +147,23 @@ def _equal_batches(batch, world, device):
 
 def _unwrap(model): return model.module if hasattr(model, 'module') else model
 
-# %% ../nbs/09_train.ipynb #a2adb8b3
+def _sum_counts_over_ranks(counts, world):
+    "{reason: count} summed over the ranks (each rank reads its own share of the data)."
+    if world == 1: return dict(counts)
+    every = [None] * world
+    dist.all_gather_object(every, dict(counts))
+    out = {}
+    for c in every:
+        for k, v in c.items(): out[k] = out.get(k, 0) + v
+    return out
+
+def _mean_over_ranks(scalars, world):
+    "{name: float} of scalar tensors averaged over the ranks: what a logged mean loss is on the global batch."
+    t = torch.stack([v.detach().float().reshape(()) for v in scalars.values()])
+    if world > 1: dist.all_reduce(t); t = t / world
+    return dict(zip(scalars, t.tolist()))
+
+# %% ../nbs/09_train.ipynb #139213e9
 def train(
     method:str='declip',            # preset: clip, declip, slip, filip, defilip
     train_data:str='synthetic',     # data spec: synthetic[:k=v,...], csv:PATH, tsv:PATH, jsonl:PATH[:ROOT], wds:PATTERN
@@ -249,12 +266,17 @@ def train(
     opt = make_optimizer(model, lr, weight_decay, dev)
     scaler = torch.amp.GradScaler(dev.type, enabled=precision == 'fp16')
     step, epoch, batch_in_epoch, best, history = 0, 0, 0, None, []
+    resumed_skipped = {}
     nonfinite_total = 0
     if resume_path is not None:
         ck = load_checkpoint_file(resume_path, map_location='cpu')
         model.load_state_dict(ck['model']); opt.load_state_dict(ck['optimizer']); scaler.load_state_dict(ck['scaler'])
         step, epoch, batch_in_epoch = ck['step'], ck['epoch'], ck['batch_in_epoch']
         best, nonfinite_total = ck.get('best'), ck.get('nonfinite_total', 0)
+        if is_main: resumed_skipped = ck.get('skipped', {})   # rank 0's counts (exact for one process)
+        if is_main and (out / 'metrics.jsonl').exists():   # drop what was logged after the checkpoint: it is redone
+            lines = (out / 'metrics.jsonl').read_text().splitlines()
+            (out / 'metrics.jsonl').write_text(''.join(l + '\n' for l in lines if l.strip() and json.loads(l).get('step', 0) <= step))
         torch.set_rng_state(ck['rng']['torch'])
         if dev.type == 'cuda' and ck['rng'].get('cuda') is not None: torch.cuda.set_rng_state(ck['rng']['cuda'], dev)
     run_config = dict(params, resolved=dict(lr=lr, base_lr=base_lr, weight_decay=weight_decay, warmup_steps=warmup,
@@ -275,13 +297,14 @@ def train(
     old_term = signal.signal(signal.SIGTERM, _on_term) if threading_main() else None
     log_f = open(out / 'metrics.jsonl', 'a') if is_main else None
     bar = _progress(total_steps, step, progress and is_main)
-    t_start, samples_seen_run, wait_total, skipped = time.time(), 0, 0., {}
+    t_start, samples_seen_run, wait_total, skipped = time.time(), 0, 0., dict(resumed_skipped)
     consecutive_nonfinite = 0
     last_log_t, last_log_step = time.time(), step
     def save(tag_best=False):
         if not is_main: return
         ck = dict(config=run_config, model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(),
                   step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, best=best, nonfinite_total=nonfinite_total,
+                  skipped=dict(skipped),
                   rng=dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(dev) if dev.type == 'cuda' else None))
         p = ckpt_dir / f'step_{step:08d}.pt'
         atomic_save(ck, p)
@@ -347,11 +370,11 @@ def train(
                 _unwrap(model).clamp_logit_scale()
                 if step % log_every == 0 or step == total_steps:
                     now = time.time()
-                    rec = dict(type='train', step=step, epoch=epoch, lr=opt.param_groups[0]['lr'], loss=float(o['loss']),
-                               **{f"loss_{k}": float(v) for k, v in o['losses'].items()},
-                               **{k: float(v) for k, v in o['metrics'].items()},
+                    terms = _mean_over_ranks(dict(loss=o['loss'], **{f"loss_{k}": v for k, v in o['losses'].items()},
+                                                  **o['metrics']), world)
+                    rec = dict(type='train', step=step, epoch=epoch, lr=opt.param_groups[0]['lr'], **terms,
                                samples_per_s=(step - last_log_step) * batch_size * world * accum_steps / max(now - last_log_t, 1e-9),
-                               data_wait_s=wait_total, skipped=dict(skipped), nonfinite=nonfinite_total)
+                               data_wait_s=wait_total, skipped=_sum_counts_over_ranks(skipped, world), nonfinite=nonfinite_total)
                     last_log_t, last_log_step = now, step
                     if is_main:
                         log_f.write(json.dumps(rec) + '\n'); log_f.flush(); history.append(rec)
@@ -377,7 +400,7 @@ def train(
         if old_term is not None: signal.signal(signal.SIGTERM, old_term)
     wall = time.time() - t_start
     summary = dict(method=method, steps=step, epochs_done=epoch, samples_seen=step * batch_size * world * accum_steps,
-                   wall_time_s=wall, samples_per_s=samples_seen_run / max(wall, 1e-9), skipped=skipped,
+                   wall_time_s=wall, samples_per_s=samples_seen_run / max(wall, 1e-9), skipped=_sum_counts_over_ranks(skipped, world),
                    nonfinite=nonfinite_total, best=best, eval=res,
                    peak_memory_mb=(torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == 'cuda' else _peak_rss_mb()))
     if is_main:
@@ -386,7 +409,7 @@ def train(
         except Exception as e: warnings.warn(f"plotting failed: {e}")
     return summary
 
-# %% ../nbs/09_train.ipynb #9fdb7f27
+# %% ../nbs/09_train.ipynb #600db7f8
 def threading_main():
     "Signal handlers can only be installed from the main thread."
     import threading
@@ -408,7 +431,7 @@ def _primary_score(res):
     vals = [v for d in res.values() for k, v in d.items() if k == 'top1' or k.endswith('R@1')]
     return float(np.mean(vals)) if vals else 0.
 
-# %% ../nbs/09_train.ipynb #802be0ce
+# %% ../nbs/09_train.ipynb #a9d8e004
 from .pipeline import open_eval_data
 from .transforms import eval_transform
 from .datasets import RetrievalSet, ClassificationSet
@@ -437,7 +460,7 @@ def run_evaluation(model, eval_sets, device, precision='fp32', batch_size=256):
         res[name] = {k: float(v) for k, v in r.items() if not torch.is_tensor(v)}
     return res
 
-# %% ../nbs/09_train.ipynb #434d0f51
+# %% ../nbs/09_train.ipynb #4bd8d339
 def read_metrics(output_dir):
     "The records of a run's metrics.jsonl as (train, eval) pandas DataFrames."
     import pandas as pd
@@ -471,11 +494,13 @@ def plot_run(output_dir, fname='curves.png'):
                 if k not in ('step', 'type', 'epoch') and isinstance(v, (int, float)) and not isinstance(v, bool): w.add_scalar(k, v, int(r['step']))
     w.close()
 
-# %% ../nbs/09_train.ipynb #2d60f85f
+# %% ../nbs/09_train.ipynb #4c20e41c
 from functools import wraps
 
 @call_parse
 @wraps(train)
 def train_cli(**kwargs):
-    "Command-line entry point of `train` (declip-train)."
-    train(**kwargs)
+    "Command-line entry point of `train` (declip-train): a bad parameter is one line on stderr, exit status 2."
+    try: train(**kwargs)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"declip-train: error: {e}", file=sys.stderr); sys.exit(2)

@@ -3,7 +3,7 @@
 1. The contrastive losses computed by 2 real processes (each with its half of the global batch, negatives gathered
    with gradients) equal the single-process loss over the global batch, in value and in gradients.
 2. A 3-step training run on 2 processes (batch 8 each) equals the 1-process run on batch 16: the same losses in
-   metrics.jsonl and the same weights in checkpoints/last.pt.
+   metrics.jsonl, the same accumulated gradients (AdamW's moments) and the same weights in checkpoints/last.pt.
 """
 import json
 from pathlib import Path
@@ -115,17 +115,45 @@ def test_training_two_processes_equal_one(workdir):
     assert c1['step'] == c2['step'] == 3
     assert c1['config']['resolved']['global_batch'] == c2['config']['resolved']['global_batch'] == 16
     assert c2['config']['environment']['world_size'] == 2
-    assert c1['model'].keys() == c2['model'].keys()
-    for k, v in c1['model'].items():
-        torch.testing.assert_close(c2['model'][k], v, atol=1e-5, rtol=1e-4, msg=lambda m: f'{k}: {m}')
-    # ... and training moved the weights by far more than that tolerance (rebuilt from the run's own config and seed;
-    # the frozen patch embedding proves the rebuild is the run's initialisation)
+    names = _optimised_names(c1)
+    assert len(names) == len(c1['optimizer']['state']) == len(c2['optimizer']['state'])
+    for i, name in enumerate(names):
+        m1, m2 = c1['optimizer']['state'][i], c2['optimizer']['state'][i]
+        # the gradients: AdamW's moments accumulate the gradients of the 3 steps
+        for moment in ('exp_avg', 'exp_avg_sq'):
+            err, scale = (m1[moment] - m2[moment]).abs().max().item(), m1[moment].abs().max().item()
+            assert err <= 1e-3 * scale + 1e-12, (name, moment, err, scale)
+        # the weights: equal within 1e-5 (a step moves them by ~1e-3), except where a gradient was at rounding level
+        # at some step: AdamW divides it by its own size and turns the rounding noise into a step of up to lr in
+        # either direction. That is the key bias of attention (its exact gradient is 0: softmax does not see it),
+        # and a handful of elements whose gradient crossed zero at a step.
+        w1, w2 = c1['model'][name], c2['model'][name]
+        well_determined = m1['exp_avg_sq'].sqrt() > 1e-6
+        off = ((w1 - w2).abs() > 1e-5 + 1e-4 * w1.abs()) & well_determined
+        assert off.sum() <= max(2, 1e-4 * off.numel()), (name, int(off.sum()), (w1 - w2).abs().max().item())
+        assert (w1 - w2).abs().max() <= 2 * sum(r['lr'] for r in r1), name            # AdamW's bound on a step
+    for k in c1['model']:
+        if k not in names: assert torch.equal(c1['model'][k], c2['model'][k]), k      # frozen weights, buffers
+    # ... and training moved the weights by far more than the tolerance (the initial model is rebuilt from the run's
+    # config and seed; the frozen patch embedding shows the rebuild is the run's initialisation)
+    init = _initial_model(c1, seed=3).state_dict()
+    frozen = [k for k in init if k not in names]
+    assert any('patch_embed' in k for k in frozen) and all(torch.equal(init[k], c1['model'][k]) for k in frozen)
+    moved = [k for k in names if (init[k] - c1['model'][k]).abs().max() > 1e-4]
+    assert len(moved) > 0.9 * len(names), sorted(set(names) - set(moved))
+
+
+def _initial_model(ck, seed):
     from declip.models import DeCLIP, ModelConfig
-    cfg = c1['config']['resolved']['model']
-    torch.manual_seed(3)
-    init = DeCLIP(ModelConfig(**{**cfg, 'image_views': tuple(cfg['image_views'])})).state_dict()
-    frozen = [k for k in init if 'patch_embed' in k]
-    assert frozen and all(torch.equal(init[k], c1['model'][k]) for k in frozen)
-    moved = [k for k in init if k not in frozen and init[k].is_floating_point()
-             and (init[k] - c1['model'][k]).abs().max() > 1e-3]
-    assert len(moved) > 0.8 * (len(init) - len(frozen)), sorted(set(init) - set(moved))
+    cfg = dict(ck['config']['resolved']['model'])
+    cfg['image_views'] = tuple(cfg['image_views'])
+    torch.manual_seed(seed)
+    return DeCLIP(ModelConfig(**cfg))
+
+
+def _optimised_names(ck):
+    "Parameter names in the order of the checkpoint's optimiser state (the trainer's two AdamW groups)."
+    from declip.train import param_groups
+    model = _initial_model(ck, seed=0)
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    return [name_of[id(p)] for g in param_groups(model, 0.1) for p in g['params']]

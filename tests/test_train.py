@@ -140,7 +140,6 @@ def test_cli_refuses_bad_parameters_before_any_work(workdir):
         'train_data': (dict(train_data='csv:/nope.csv'), ['/nope.csv']),
         'batch_size': (dict(train_data='synthetic:size=10', batch_size=16), ['batch_size', '16']),
         'output_dir': (dict(output_dir=taken), ['output_dir', 'resume']),
-        'resume': (dict(resume=True), ['resume', 'last.pt']),
     }
     procs = {}
     for name, (flags, _) in cases.items():
