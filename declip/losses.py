@@ -6,12 +6,12 @@
 __all__ = ['world_info', 'gather_with_grad', 'gather_no_grad', 'contrastive_targets', 'info_nce_rows', 'clip_loss', 'SimSiamHead',
            'simsiam_loss', 'mlm_loss', 'SimCLRHead', 'nt_xent_loss', 'filip_select', 'filip_loss', 'NNQueue', 'nn_loss']
 
-# %% ../nbs/06_losses.ipynb #e5c65132
+# %% ../nbs/06_losses.ipynb #ce37ca8d
 import math
 import torch, torch.nn as nn, torch.nn.functional as F
 import torch.distributed as dist
 
-# %% ../nbs/06_losses.ipynb #cca75128
+# %% ../nbs/06_losses.ipynb #167371ee
 def world_info():
     "(rank, world_size) of the default process group, or (0, 1) when not distributed."
     if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size()
@@ -47,7 +47,7 @@ def gather_no_grad(x):
     dist.all_gather(out, x.contiguous())
     return torch.cat(out, 0)
 
-# %% ../nbs/06_losses.ipynb #4fc7dcc8
+# %% ../nbs/06_losses.ipynb #3e2d8eba
 def contrastive_targets(n_local, device):
     "Targets of the local rows among the gathered columns: rank * B + i."
     rank, _ = world_info()
@@ -64,7 +64,7 @@ def clip_loss(image_features, text_features, logit_scale, gather=True):
     img_all, txt_all = (gather_with_grad(img), gather_with_grad(txt)) if gather else (img, txt)
     return (info_nce_rows(img, txt_all, logit_scale) + info_nce_rows(txt, img_all, logit_scale)) / 2
 
-# %% ../nbs/06_losses.ipynb #489d1a68
+# %% ../nbs/06_losses.ipynb #b9e7a2b6
 def _simulated_rank_loss(img_all, txt_all, rank, world, logit_scale):
     "What rank `rank` computes when the gathered features are `img_all`, `txt_all` (for tests)."
     B = len(img_all) // world
@@ -73,7 +73,7 @@ def _simulated_rank_loss(img_all, txt_all, rank, world, logit_scale):
     tg = torch.arange(B) + rank * B
     return (F.cross_entropy(logit_scale * i[sl] @ t.t(), tg) + F.cross_entropy(logit_scale * t[sl] @ i.t(), tg)) / 2
 
-# %% ../nbs/06_losses.ipynb #d3ed3ef3
+# %% ../nbs/06_losses.ipynb #243d8a5f
 class SimSiamHead(nn.Module):
     "SimSiam projector (in -> h -> h -> h, BN each) and predictor (h -> h/2 -> h), official sizes."
     def __init__(self, in_dim, hidden=1024, pred_hidden=512):
@@ -94,12 +94,13 @@ def simsiam_loss(p1, p2, z1, z2):
     "Symmetric negative cosine -(cos(p1, sg z2) + cos(p2, sg z1)) / 2, in [-1, 1]."
     return -(F.cosine_similarity(p1, z2.detach(), dim=-1).mean() + F.cosine_similarity(p2, z1.detach(), dim=-1).mean()) / 2
 
-# %% ../nbs/06_losses.ipynb #6f12e967
+# %% ../nbs/06_losses.ipynb #078fd902
 def mlm_loss(head, token_features, labels, budget=None):
     "Mean cross-entropy of `head(token_features)` at positions where `labels != -100` (0 if none); also accuracy."
     B, L, W = token_features.shape
     masked = (labels != -100).flatten()
-    k = min(B * L, budget or max(8, math.ceil(0.3 * B * L)))
+    k = math.ceil(0.3 * B * L) if budget is None else (budget + 7) // 8 * 8    # budget: host-known masked count
+    k = min(B * L, max(8, k))
     idx = torch.topk(masked.to(torch.int8), k, sorted=False).indices
     logits = head(token_features.reshape(B * L, W)[idx])
     y = labels.flatten()[idx]
@@ -109,7 +110,7 @@ def mlm_loss(head, token_features, labels, budget=None):
     acc = ((logits.argmax(-1) == y) & valid).sum() / valid.sum().clamp(min=1)
     return loss, dict(mlm_accuracy=acc.detach(), mlm_overflow=(count > k).detach())
 
-# %% ../nbs/06_losses.ipynb #a3e13c6b
+# %% ../nbs/06_losses.ipynb #86a09602
 class SimCLRHead(nn.Module):
     "SLIP's SimCLR projection MLP: in -> hidden -> hidden -> out with BN and ReLU, no output BN."
     def __init__(self, in_dim, hidden=4096, out_dim=256):
@@ -131,10 +132,11 @@ def nt_xent_loss(z1, z2, temperature=0.1):
     i = torch.arange(B, device=z1.device) + rank * B
     self_idx = torch.cat([i, i + N])
     pos_idx = torch.cat([i + N, i])
-    logits = logits.masked_fill(F.one_hot(self_idx, 2 * N).bool(), float('-inf'))
+    is_self = torch.arange(2 * N, device=z1.device)[None, :] == self_idx[:, None]   # (one_hot would check ranges with a host sync)
+    logits = logits.masked_fill(is_self, float('-inf'))
     return F.cross_entropy(logits, pos_idx)
 
-# %% ../nbs/06_losses.ipynb #1072246e
+# %% ../nbs/06_losses.ipynb #0e061d0d
 def filip_select(img_tok, txt_tok, top_k, txt_valid=None):
     "Per local pair, indices of the top-k image and text tokens by summed paired similarity."
     S = img_tok @ txt_tok.transpose(1, 2)                                     # [B, Ni, Nt]
@@ -175,7 +177,7 @@ def filip_loss(image_tokens, text_tokens, logit_scale_dense, top_k=16, text_vali
     y = contrastive_targets(B, v.device)
     return (F.cross_entropy(s_i2t, y) + F.cross_entropy(s_t2i, y)) / 2
 
-# %% ../nbs/06_losses.ipynb #fef4c79a
+# %% ../nbs/06_losses.ipynb #dab0eb33
 class NNQueue(nn.Module):
     "FIFO of normalised embeddings on the training device; top-1 cosine neighbour lookup."
     def __init__(self, size=65536, dim=256, random_init=True):

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['PRESETS', 'RECIPES', 'ModelConfig', 'model_config', 'DeCLIP', 'create_model', 'random_batch']
 
-# %% ../nbs/07_models.ipynb #e6bb1ea3
+# %% ../nbs/07_models.ipynb #e925e17c
 import math, copy
 from dataclasses import dataclass, field, asdict, fields
 import torch, torch.nn as nn, torch.nn.functional as F
@@ -14,7 +14,7 @@ from .encoders import ImageEncoder, TextEncoder, IMAGE_ENCODERS, TEXT_ENCODERS
 from .losses import (clip_loss, SimSiamHead, simsiam_loss, mlm_loss, SimCLRHead, nt_xent_loss,
                            filip_loss, NNQueue, nn_loss)
 
-# %% ../nbs/07_models.ipynb #218c613e
+# %% ../nbs/07_models.ipynb #f090ff62
 @dataclass
 class ModelConfig:
     "Everything that defines a model: encoders, supervisions, weights and faithful/fixed switches."
@@ -49,7 +49,7 @@ class ModelConfig:
     logit_scale_clamp: tuple | None = (3., 6.)
     image_views: tuple = ('standard',)    # what the data pipeline must produce, in this order
 
-# %% ../nbs/07_models.ipynb #aed06756
+# %% ../nbs/07_models.ipynb #d095290d
 PRESETS = {
     'clip': dict(image_views=('standard',), weights=dict(clip=1.0)),
     'declip': dict(image_views=('mocov2', 'mocov2'), multi_view=True, image_ssl=True, text_ssl=True, nn=True,
@@ -72,7 +72,7 @@ RECIPES = {
 }
 "Each preset's official optimiser recipe: AdamW peak lr, warm-up start lr, weight decay, warm-up steps."
 
-# %% ../nbs/07_models.ipynb #d1eeda3a
+# %% ../nbs/07_models.ipynb #5688d114
 def model_config(preset='declip', **overrides) -> ModelConfig:
     "The `ModelConfig` of a preset with overrides; unknown presets or switches fail naming the accepted ones."
     if preset not in PRESETS: raise ValueError(f"unknown method {preset!r}; expected one of {sorted(PRESETS)}")
@@ -90,7 +90,7 @@ def model_config(preset='declip', **overrides) -> ModelConfig:
         cfg.image_views = ('mocov2', 'mocov2')
     return cfg
 
-# %% ../nbs/07_models.ipynb #ea6f514b
+# %% ../nbs/07_models.ipynb #877df714
 class DeCLIP(nn.Module):
     "CLIP / DeCLIP / SLIP / FILIP / DeFILIP, selected by a `ModelConfig`."
     def __init__(self, cfg: ModelConfig):
@@ -206,7 +206,7 @@ class DeCLIP(nn.Module):
         if c.text_ssl:
             if c.mlm_causal: feats = feats_t[0] if mlm_in_main else feats_t[-1]
             else: feats = self.text(batch['text_mlm'], causal=False)[1]
-            losses['mlm'], m = mlm_loss(self.mlm_head, feats, batch['mlm_labels'])
+            losses['mlm'], m = mlm_loss(self.mlm_head, feats, batch['mlm_labels'], budget=batch.get('mlm_count'))
             metrics.update(m)
         # --- nearest-neighbour supervision (official query/enqueue order)
         if c.nn:
@@ -236,12 +236,12 @@ class DeCLIP(nn.Module):
         total = sum(w.get(k, 0.) * v for k, v in losses.items())
         return dict(loss=total, losses=losses, metrics=metrics)
 
-# %% ../nbs/07_models.ipynb #c1d136b8
+# %% ../nbs/07_models.ipynb #4d7bb79f
 def create_model(preset='declip', image_encoder='vit-tiny', text_encoder='text-tiny', **overrides) -> DeCLIP:
     "Build a model from a preset name, the encoders and switch overrides (timm-style entry point)."
     return DeCLIP(model_config(preset, image_encoder=image_encoder, text_encoder=text_encoder, **overrides))
 
-# %% ../nbs/07_models.ipynb #a84b11a1
+# %% ../nbs/07_models.ipynb #1a114d78
 def random_batch(model, batch_size=4, seed=0):
     "A random batch dict in the data pipeline's format, for tests and benchmarks."
     from declip.text import mask_tokens
@@ -253,5 +253,7 @@ def random_batch(model, batch_size=4, seed=0):
     batch = dict(images=torch.randn(batch_size, len(req['image_views']), 3, S, S, generator=g), text=tok(caps),
                  index=torch.arange(batch_size))
     if req['text_aug']: batch['text_aug'] = tok([c[::-1] for c in caps])
-    if req['mlm']: batch['text_mlm'], batch['mlm_labels'] = mask_tokens(batch['text'], prob=0.3, generator=g)
+    if req['mlm']:
+        batch['text_mlm'], batch['mlm_labels'] = mask_tokens(batch['text'], prob=0.3, generator=g)
+        batch['mlm_count'] = int((batch['mlm_labels'] != -100).sum())   # counted on the host, as the trainer does
     return batch
