@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import TORCHRUN, run_ok, train_args, load_ckpt
+from helpers import TORCHRUN, run_ok, train_args, load_ckpt, cpu_env
+import subprocess, sys
 
 # ------------------------------------------------------------------------------------------------------ losses
 # Every rank builds the same global batch from a fixed seed, computes the loss of its own slice (rows) against the
@@ -157,3 +158,15 @@ def _optimised_names(ck):
     model = _initial_model(ck, seed=0)
     name_of = {id(p): n for n, p in model.named_parameters()}
     return [name_of[id(p)] for g in param_groups(model, 0.1) for p in g['params']]
+
+
+def test_train_local_starts_processes(workdir):
+    """`train_local(2, ...)` (what train.ipynb calls with nproc=2) runs a 2-process DDP run from a Python process."""
+    code = (f"from declip.train import train_local; import json; "
+            f"s = train_local(2, method='clip', train_data='synthetic:size=32', batch_size=8, max_steps=2, eval_data='', "
+            f"workers=0, progress=False, image_size=32, output_dir={str(workdir / 'local')!r}); print(json.dumps(s['steps']))")
+    p = subprocess.run([sys.executable, '-c', code], env=cpu_env(), capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.strip().splitlines()[-1] == '2'
+    cfg = json.loads((workdir / 'local' / 'config.json').read_text())
+    assert cfg['environment']['world_size'] == 2 and cfg['resolved']['global_batch'] == 16
