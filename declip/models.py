@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['PRESETS', 'RECIPES', 'ModelConfig', 'model_config', 'DeCLIP', 'create_model', 'random_batch']
 
-# %% ../nbs/07_models.ipynb #e925e17c
+# %% ../nbs/07_models.ipynb #16cb95f9
 import math, copy
 from dataclasses import dataclass, field, asdict, fields
 import torch, torch.nn as nn, torch.nn.functional as F
@@ -14,7 +14,7 @@ from .encoders import ImageEncoder, TextEncoder, IMAGE_ENCODERS, TEXT_ENCODERS
 from .losses import (clip_loss, SimSiamHead, simsiam_loss, mlm_loss, SimCLRHead, nt_xent_loss,
                            filip_loss, NNQueue, nn_loss)
 
-# %% ../nbs/07_models.ipynb #f090ff62
+# %% ../nbs/07_models.ipynb #492186da
 @dataclass
 class ModelConfig:
     "Everything that defines a model: encoders, supervisions, weights and faithful/fixed switches."
@@ -49,7 +49,7 @@ class ModelConfig:
     logit_scale_clamp: tuple | None = (3., 6.)
     image_views: tuple = ('standard',)    # what the data pipeline must produce, in this order
 
-# %% ../nbs/07_models.ipynb #d095290d
+# %% ../nbs/07_models.ipynb #570676fc
 PRESETS = {
     'clip': dict(image_views=('standard',), weights=dict(clip=1.0)),
     'declip': dict(image_views=('mocov2', 'mocov2'), multi_view=True, image_ssl=True, text_ssl=True, nn=True,
@@ -72,7 +72,7 @@ RECIPES = {
 }
 "Each preset's official optimiser recipe: AdamW peak lr, warm-up start lr, weight decay, warm-up steps."
 
-# %% ../nbs/07_models.ipynb #5688d114
+# %% ../nbs/07_models.ipynb #09f80114
 def model_config(preset='declip', **overrides) -> ModelConfig:
     "The `ModelConfig` of a preset with overrides; unknown presets or switches fail naming the accepted ones."
     if preset not in PRESETS: raise ValueError(f"unknown method {preset!r}; expected one of {sorted(PRESETS)}")
@@ -90,7 +90,7 @@ def model_config(preset='declip', **overrides) -> ModelConfig:
         cfg.image_views = ('mocov2', 'mocov2')
     return cfg
 
-# %% ../nbs/07_models.ipynb #877df714
+# %% ../nbs/07_models.ipynb #10a70e30
 class DeCLIP(nn.Module):
     "CLIP / DeCLIP / SLIP / FILIP / DeFILIP, selected by a `ModelConfig`."
     def __init__(self, cfg: ModelConfig):
@@ -156,7 +156,6 @@ class DeCLIP(nn.Module):
         B = images.shape[0]
         x = images[:, :n_views].transpose(0, 1).reshape(n_views * B, *images.shape[2:])
         if self.visual.is_convnet: x = x.contiguous(memory_format=torch.channels_last)
-        feats = None
         if dense: pooled, tokens = self.visual.forward_dense(x)
         else: pooled, tokens = self.visual(x), None
         split = lambda t: list(t.split(B)) if t is not None else [None] * n_views
@@ -236,12 +235,12 @@ class DeCLIP(nn.Module):
         total = sum(w.get(k, 0.) * v for k, v in losses.items())
         return dict(loss=total, losses=losses, metrics=metrics)
 
-# %% ../nbs/07_models.ipynb #4d7bb79f
+# %% ../nbs/07_models.ipynb #2115f413
 def create_model(preset='declip', image_encoder='vit-tiny', text_encoder='text-tiny', **overrides) -> DeCLIP:
     "Build a model from a preset name, the encoders and switch overrides (timm-style entry point)."
     return DeCLIP(model_config(preset, image_encoder=image_encoder, text_encoder=text_encoder, **overrides))
 
-# %% ../nbs/07_models.ipynb #1a114d78
+# %% ../nbs/07_models.ipynb #330a736a
 def random_batch(model, batch_size=4, seed=0):
     "A random batch dict in the data pipeline's format, for tests and benchmarks."
     from declip.text import mask_tokens

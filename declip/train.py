@@ -7,8 +7,8 @@ __all__ = ['SWITCHES', 'lr_at', 'param_groups', 'make_optimizer', 'atomic_save',
            'environment_info', 'setup_distributed', 'TrainingError', 'train', 'threading_main', 'read_metrics',
            'plot_run', 'train_cli', 'train_local']
 
-# %% ../nbs/09_train.ipynb #e743b74b
-import os, re, sys, json, math, time, signal, shutil, random, subprocess, platform, warnings, glob
+# %% ../nbs/09_train.ipynb #c3db5dd3
+import os, sys, json, math, time, signal, shutil, random, subprocess, platform, warnings
 from pathlib import Path
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -22,7 +22,7 @@ from .pipeline import parse_data_spec, open_train_data, make_train_loader
 from .losses import world_info
 from .evaluation import PRECISIONS, autocast, parse_eval_data, open_eval_sets, evaluate_sets, zero_shot_scoring
 
-# %% ../nbs/09_train.ipynb #81f81693
+# %% ../nbs/09_train.ipynb #3ce30a1f
 def lr_at(step, total_steps, lr, base_lr, warmup_steps, min_lr=0.):
     "The official schedule: lr at 1-based `step`, linear warm-up base_lr -> lr, then cosine to min_lr."
     if warmup_steps > 1 and step < warmup_steps:
@@ -31,7 +31,7 @@ def lr_at(step, total_steps, lr, base_lr, warmup_steps, min_lr=0.):
     t = min(1., max(0., (step - warmup_steps) / span))
     return min_lr + (lr - min_lr) * (1 + math.cos(math.pi * t)) / 2
 
-# %% ../nbs/09_train.ipynb #897aea56
+# %% ../nbs/09_train.ipynb #4f2c186b
 def param_groups(model, weight_decay):
     "Two AdamW groups: decayed weights, and biases / norm weights / logit scales without decay."
     norm_types = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
@@ -51,12 +51,12 @@ def make_optimizer(model, lr, weight_decay, device):
     kw = dict(fused=True) if device.type in ('cuda', 'cpu') else {}
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-8, **kw)
 
-# %% ../nbs/09_train.ipynb #d45cd6f6
+# %% ../nbs/09_train.ipynb #37bfd06f
 SWITCHES = ('multi_view', 'image_ssl', 'text_ssl', 'nn', 'simclr', 'filip', 'contrastive_text', 'mlm_causal',
             'nn_random_init', 'filip_padding', 'nn_queue_size', 'embed_dim', 'freeze_patch_embed')
 "Model switches that `train` accepts directly as overrides of the preset (None = the preset's value)."
 
-# %% ../nbs/09_train.ipynb #ac3e068a
+# %% ../nbs/09_train.ipynb #2d8389cf
 def atomic_save(obj, path):
     "torch.save to a temporary file in the same folder, fsync, then rename over `path`."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,7 +72,7 @@ def load_checkpoint_file(path, map_location='cpu'):
     if not path.exists(): raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     return torch.load(path, map_location=map_location, weights_only=True)
 
-# %% ../nbs/09_train.ipynb #7a5964ed
+# %% ../nbs/09_train.ipynb #e6c4eda9
 def git_commit():
     "The git commit of the working tree (with '+dirty' when it has uncommitted changes), or None."
     try:
@@ -92,7 +92,7 @@ def environment_info(device):
     if device.type == 'cuda': info['cuda_device'] = torch.cuda.get_device_name(device); info['cuda'] = torch.version.cuda
     return info
 
-# %% ../nbs/09_train.ipynb #f386c72a
+# %% ../nbs/09_train.ipynb #9df9e7d2
 def setup_distributed(device=None):
     "Join the process group when launched by torchrun; return (rank, world_size, local_rank, device)."
     world = int(os.environ.get('WORLD_SIZE', '1'))
@@ -105,7 +105,7 @@ def setup_distributed(device=None):
     rank, world = world_info()
     return rank, world, local, device
 
-# %% ../nbs/09_train.ipynb #82eb9777
+# %% ../nbs/09_train.ipynb #c5d8ca37
 class TrainingError(RuntimeError):
     "A run stopped for a reason the user must act on (e.g. repeated non-finite losses)."
 
@@ -149,7 +149,7 @@ def _mean_over_ranks(scalars, world):
     if world > 1: dist.all_reduce(t); t = t / world
     return dict(zip(scalars, t.tolist()))
 
-# %% ../nbs/09_train.ipynb #92b5013e
+# %% ../nbs/09_train.ipynb #e1be67b2
 def train(
     method:str='declip',            # preset: clip, declip, slip, filip, defilip
     train_data:str='synthetic',     # data spec: synthetic[:k=v,...], csv:PATH, tsv:PATH, jsonl:PATH[:ROOT], wds:PATTERN
@@ -252,7 +252,7 @@ def train(
     if sync_bn and world > 1: model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     opt = make_optimizer(model, lr, weight_decay, dev)
     scaler = torch.amp.GradScaler(dev.type, enabled=precision == 'fp16')
-    step, epoch, batch_in_epoch, best, history = 0, 0, 0, None, []
+    step, epoch, batch_in_epoch, best = 0, 0, 0, None
     resumed_skipped = {}
     nonfinite_total = 0
     if resume_path is not None:
@@ -309,7 +309,7 @@ def train(
         res = evaluate_sets(_unwrap(model), eval_sets, dev, precision, scoring=scoring) if (eval_sets and is_main) else {}
         if is_main and res:
             rec = dict(type='eval', step=step, epoch=epoch, **{f"{k}/{m}": v for k, d in res.items() for m, v in d.items()})
-            log_f.write(json.dumps(rec) + '\n'); log_f.flush(); history.append(rec)
+            log_f.write(json.dumps(rec) + '\n'); log_f.flush()
             score = _primary_score(res)
             improved = best is None or score > best['score']
             if improved: best = dict(score=score, step=step)
@@ -364,7 +364,7 @@ def train(
                                data_wait_s=wait_total, skipped=_sum_counts_over_ranks(skipped, world), nonfinite=nonfinite_total)
                     last_log_t, last_log_step = now, step
                     if is_main:
-                        log_f.write(json.dumps(rec) + '\n'); log_f.flush(); history.append(rec)
+                        log_f.write(json.dumps(rec) + '\n'); log_f.flush()
                         if bar is not None: bar.set_postfix(loss=f"{rec['loss']:.3f}", sps=f"{rec['samples_per_s']:.0f}")
                 if bar is not None: bar.update(1)
                 improved = False
@@ -396,7 +396,7 @@ def train(
         except Exception as e: warnings.warn(f"plotting failed: {e}")
     return summary
 
-# %% ../nbs/09_train.ipynb #43b9452c
+# %% ../nbs/09_train.ipynb #159ecb74
 def threading_main():
     "Signal handlers can only be installed from the main thread."
     import threading
@@ -418,7 +418,7 @@ def _primary_score(res):
     vals = [v for d in res.values() for k, v in d.items() if k == 'top1' or k.endswith('R@1')]
     return float(np.mean(vals)) if vals else 0.
 
-# %% ../nbs/09_train.ipynb #78f33944
+# %% ../nbs/09_train.ipynb #5f10e7dc
 def read_metrics(output_dir):
     "The records of a run's metrics.jsonl as (train, eval) pandas DataFrames."
     import pandas as pd
@@ -452,7 +452,7 @@ def plot_run(output_dir, fname='curves.png'):
                 if k not in ('step', 'type', 'epoch') and isinstance(v, (int, float)) and not isinstance(v, bool): w.add_scalar(k, v, int(r['step']))
     w.close()
 
-# %% ../nbs/09_train.ipynb #c957134c
+# %% ../nbs/09_train.ipynb #eb38e35f
 from functools import wraps
 
 @call_parse
@@ -463,7 +463,7 @@ def train_cli(**kwargs):
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"declip-train: error: {e}", file=sys.stderr); sys.exit(2)
 
-# %% ../nbs/09_train.ipynb #92e3d4b6
+# %% ../nbs/09_train.ipynb #df037b81
 def train_local(nproc=2, **params):
     "Run `train(**params)` in `nproc` local processes (DDP, one per GPU or gloo on the CPU); rank 0's summary."
     if nproc == 1: return train(**params)
