@@ -7,7 +7,7 @@ __all__ = ['SWITCHES', 'lr_at', 'param_groups', 'make_optimizer', 'atomic_save',
            'environment_info', 'setup_distributed', 'TrainingError', 'train', 'threading_main', 'read_metrics',
            'plot_run', 'train_cli', 'train_local']
 
-# %% ../nbs/09_train.ipynb #c3db5dd3
+# %% ../nbs/09_train.ipynb #2a604022
 import os, sys, json, math, time, signal, shutil, random, subprocess, platform, warnings
 from pathlib import Path
 from contextlib import nullcontext
@@ -22,7 +22,7 @@ from .pipeline import parse_data_spec, open_train_data, make_train_loader
 from .losses import world_info
 from .evaluation import PRECISIONS, autocast, parse_eval_data, open_eval_sets, evaluate_sets, zero_shot_scoring
 
-# %% ../nbs/09_train.ipynb #3ce30a1f
+# %% ../nbs/09_train.ipynb #66263e92
 def lr_at(step, total_steps, lr, base_lr, warmup_steps, min_lr=0.):
     "The official schedule: lr at 1-based `step`, linear warm-up base_lr -> lr, then cosine to min_lr."
     if warmup_steps > 1 and step < warmup_steps:
@@ -31,7 +31,7 @@ def lr_at(step, total_steps, lr, base_lr, warmup_steps, min_lr=0.):
     t = min(1., max(0., (step - warmup_steps) / span))
     return min_lr + (lr - min_lr) * (1 + math.cos(math.pi * t)) / 2
 
-# %% ../nbs/09_train.ipynb #4f2c186b
+# %% ../nbs/09_train.ipynb #93919b01
 def param_groups(model, weight_decay):
     "Two AdamW groups: decayed weights, and biases / norm weights / logit scales without decay."
     norm_types = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
@@ -51,12 +51,12 @@ def make_optimizer(model, lr, weight_decay, device):
     kw = dict(fused=True) if device.type in ('cuda', 'cpu') else {}
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-8, **kw)
 
-# %% ../nbs/09_train.ipynb #37bfd06f
+# %% ../nbs/09_train.ipynb #ef21f872
 SWITCHES = ('multi_view', 'image_ssl', 'text_ssl', 'nn', 'simclr', 'filip', 'contrastive_text', 'mlm_causal',
             'nn_random_init', 'filip_padding', 'nn_queue_size', 'embed_dim', 'freeze_patch_embed')
 "Model switches that `train` accepts directly as overrides of the preset (None = the preset's value)."
 
-# %% ../nbs/09_train.ipynb #2d8389cf
+# %% ../nbs/09_train.ipynb #157dfeb8
 def atomic_save(obj, path):
     "torch.save to a temporary file in the same folder, fsync, then rename over `path`."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,7 +72,7 @@ def load_checkpoint_file(path, map_location='cpu'):
     if not path.exists(): raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     return torch.load(path, map_location=map_location, weights_only=True)
 
-# %% ../nbs/09_train.ipynb #e6c4eda9
+# %% ../nbs/09_train.ipynb #5234b0a4
 def git_commit():
     "The git commit of the working tree (with '+dirty' when it has uncommitted changes), or None."
     try:
@@ -92,7 +92,7 @@ def environment_info(device):
     if device.type == 'cuda': info['cuda_device'] = torch.cuda.get_device_name(device); info['cuda'] = torch.version.cuda
     return info
 
-# %% ../nbs/09_train.ipynb #9df9e7d2
+# %% ../nbs/09_train.ipynb #e1745760
 def setup_distributed(device=None):
     "Join the process group when launched by torchrun; return (rank, world_size, local_rank, device)."
     world = int(os.environ.get('WORLD_SIZE', '1'))
@@ -105,7 +105,7 @@ def setup_distributed(device=None):
     rank, world = world_info()
     return rank, world, local, device
 
-# %% ../nbs/09_train.ipynb #c5d8ca37
+# %% ../nbs/09_train.ipynb #6b32736c
 class TrainingError(RuntimeError):
     "A run stopped for a reason the user must act on (e.g. repeated non-finite losses)."
 
@@ -149,7 +149,7 @@ def _mean_over_ranks(scalars, world):
     if world > 1: dist.all_reduce(t); t = t / world
     return dict(zip(scalars, t.tolist()))
 
-# %% ../nbs/09_train.ipynb #e1be67b2
+# %% ../nbs/09_train.ipynb #999d3a6e
 def train(
     method:str='declip',            # preset: clip, declip, slip, filip, defilip
     train_data:str='synthetic',     # data spec: synthetic[:k=v,...], csv:PATH, tsv:PATH, jsonl:PATH[:ROOT], wds:PATTERN
@@ -318,11 +318,14 @@ def train(
 
     try:
         done = step >= total_steps
+        loader = None
         while not done:
-            loader = make_train_loader(train_data, batch_size=batch_size, image_views=req['image_views'], image_size=model.image_size,
-                                       text_aug=req['text_aug'], mlm=req['mlm'], mlm_prob=req['mlm_prob'], context_length=context_length,
-                                       workers=workers, seed=seed, epoch=epoch, rank=rank, world_size=world,
-                                       start_batch=batch_in_epoch, pin_memory=dev.type == 'cuda')
+            if loader is None:   # built once: its persistent workers serve every epoch
+                loader = make_train_loader(train_data, batch_size=batch_size, image_views=req['image_views'], image_size=model.image_size,
+                                           text_aug=req['text_aug'], mlm=req['mlm'], mlm_prob=req['mlm_prob'], context_length=context_length,
+                                           workers=workers, seed=seed, epoch=epoch, rank=rank, world_size=world,
+                                           start_batch=batch_in_epoch, pin_memory=dev.type == 'cuda')
+            else: loader.set_epoch(epoch, start_batch=batch_in_epoch)
             t_wait = time.time()
             micro = 0
             for batch in loader:
@@ -396,7 +399,7 @@ def train(
         except Exception as e: warnings.warn(f"plotting failed: {e}")
     return summary
 
-# %% ../nbs/09_train.ipynb #159ecb74
+# %% ../nbs/09_train.ipynb #95e2a096
 def threading_main():
     "Signal handlers can only be installed from the main thread."
     import threading
@@ -418,7 +421,7 @@ def _primary_score(res):
     vals = [v for d in res.values() for k, v in d.items() if k == 'top1' or k.endswith('R@1')]
     return float(np.mean(vals)) if vals else 0.
 
-# %% ../nbs/09_train.ipynb #5f10e7dc
+# %% ../nbs/09_train.ipynb #524e333a
 def read_metrics(output_dir):
     "The records of a run's metrics.jsonl as (train, eval) pandas DataFrames."
     import pandas as pd
@@ -452,7 +455,7 @@ def plot_run(output_dir, fname='curves.png'):
                 if k not in ('step', 'type', 'epoch') and isinstance(v, (int, float)) and not isinstance(v, bool): w.add_scalar(k, v, int(r['step']))
     w.close()
 
-# %% ../nbs/09_train.ipynb #eb38e35f
+# %% ../nbs/09_train.ipynb #b56eff7e
 from functools import wraps
 
 @call_parse
@@ -463,7 +466,7 @@ def train_cli(**kwargs):
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"declip-train: error: {e}", file=sys.stderr); sys.exit(2)
 
-# %% ../nbs/09_train.ipynb #df037b81
+# %% ../nbs/09_train.ipynb #08093b22
 def train_local(nproc=2, **params):
     "Run `train(**params)` in `nproc` local processes (DDP, one per GPU or gloo on the CPU); rank 0's summary."
     if nproc == 1: return train(**params)
