@@ -7,7 +7,7 @@ __all__ = ['SWITCHES', 'lr_at', 'param_groups', 'make_optimizer', 'atomic_save',
            'environment_info', 'setup_distributed', 'TrainingError', 'train', 'threading_main', 'read_metrics',
            'plot_run', 'train_cli', 'train_local']
 
-# %% ../nbs/09_train.ipynb #2a604022
+# %% ../nbs/09_train.ipynb #3dd049ad
 import os, sys, json, math, time, signal, shutil, random, subprocess, platform, warnings
 from pathlib import Path
 from contextlib import nullcontext
@@ -18,11 +18,12 @@ import torch.distributed as dist
 from fastcore.script import call_parse, bool_arg
 from .models import DeCLIP, create_model, model_config, PRESETS, RECIPES, ModelConfig
 from .encoders import IMAGE_ENCODERS, TEXT_ENCODERS
+from .transforms import VIEW_KINDS
 from .pipeline import parse_data_spec, open_train_data, make_train_loader
 from .losses import world_info
 from .evaluation import PRECISIONS, autocast, parse_eval_data, open_eval_sets, evaluate_sets, zero_shot_scoring
 
-# %% ../nbs/09_train.ipynb #66263e92
+# %% ../nbs/09_train.ipynb #80a525b1
 def lr_at(step, total_steps, lr, base_lr, warmup_steps, min_lr=0.):
     "The official schedule: lr at 1-based `step`, linear warm-up base_lr -> lr, then cosine to min_lr."
     if warmup_steps > 1 and step < warmup_steps:
@@ -31,7 +32,7 @@ def lr_at(step, total_steps, lr, base_lr, warmup_steps, min_lr=0.):
     t = min(1., max(0., (step - warmup_steps) / span))
     return min_lr + (lr - min_lr) * (1 + math.cos(math.pi * t)) / 2
 
-# %% ../nbs/09_train.ipynb #93919b01
+# %% ../nbs/09_train.ipynb #73f4f003
 def param_groups(model, weight_decay):
     "Two AdamW groups: decayed weights, and biases / norm weights / logit scales without decay."
     norm_types = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
@@ -51,12 +52,12 @@ def make_optimizer(model, lr, weight_decay, device):
     kw = dict(fused=True) if device.type in ('cuda', 'cpu') else {}
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-8, **kw)
 
-# %% ../nbs/09_train.ipynb #ef21f872
+# %% ../nbs/09_train.ipynb #e9acaba0
 SWITCHES = ('multi_view', 'image_ssl', 'text_ssl', 'nn', 'simclr', 'filip', 'contrastive_text', 'mlm_causal',
-            'nn_random_init', 'filip_padding', 'nn_queue_size', 'embed_dim', 'freeze_patch_embed')
+            'nn_random_init', 'filip_padding', 'nn_queue_size', 'embed_dim', 'freeze_patch_embed', 'image_views')
 "Model switches that `train` accepts directly as overrides of the preset (None = the preset's value)."
 
-# %% ../nbs/09_train.ipynb #157dfeb8
+# %% ../nbs/09_train.ipynb #1fbed9a1
 def atomic_save(obj, path):
     "torch.save to a temporary file in the same folder, fsync, then rename over `path`."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,7 +73,7 @@ def load_checkpoint_file(path, map_location='cpu'):
     if not path.exists(): raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     return torch.load(path, map_location=map_location, weights_only=True)
 
-# %% ../nbs/09_train.ipynb #5234b0a4
+# %% ../nbs/09_train.ipynb #0d02b4e0
 def git_commit():
     "The git commit of the working tree (with '+dirty' when it has uncommitted changes), or None."
     try:
@@ -92,7 +93,7 @@ def environment_info(device):
     if device.type == 'cuda': info['cuda_device'] = torch.cuda.get_device_name(device); info['cuda'] = torch.version.cuda
     return info
 
-# %% ../nbs/09_train.ipynb #e1745760
+# %% ../nbs/09_train.ipynb #04cb42e3
 def setup_distributed(device=None):
     "Join the process group when launched by torchrun; return (rank, world_size, local_rank, device)."
     world = int(os.environ.get('WORLD_SIZE', '1'))
@@ -105,7 +106,7 @@ def setup_distributed(device=None):
     rank, world = world_info()
     return rank, world, local, device
 
-# %% ../nbs/09_train.ipynb #6b32736c
+# %% ../nbs/09_train.ipynb #21b9e0cc
 class TrainingError(RuntimeError):
     "A run stopped for a reason the user must act on (e.g. repeated non-finite losses)."
 
@@ -149,7 +150,7 @@ def _mean_over_ranks(scalars, world):
     if world > 1: dist.all_reduce(t); t = t / world
     return dict(zip(scalars, t.tolist()))
 
-# %% ../nbs/09_train.ipynb #999d3a6e
+# %% ../nbs/09_train.ipynb #ed02ad1c
 def train(
     method:str='declip',            # preset: clip, declip, slip, filip, defilip
     train_data:str='synthetic',     # data spec: synthetic[:k=v,...], csv:PATH, tsv:PATH, jsonl:PATH[:ROOT], wds:PATTERN
@@ -185,6 +186,7 @@ def train(
     simclr:bool_arg=None, filip:bool_arg=None, contrastive_text:str=None, mlm_causal:bool_arg=None,
     nn_random_init:bool_arg=None, filip_padding:bool_arg=None, nn_queue_size:int=None, embed_dim:int=None,
     freeze_patch_embed:bool_arg=None,  # model switches: None = the preset's
+    image_views:str=None,           # image views, comma-separated kinds of transforms.VIEW_KINDS, e.g. 'standard,standard' (None = the preset's)
     _stop_after:int=None,           # (tests) return after this many steps, as if killed
 ):
     "Train a CLIP-family model; returns the summary dict (also written to output_dir/summary.json)."
@@ -201,6 +203,11 @@ def train(
             raise ValueError(f"{name}={params[name]!r} must be a positive integer or None")
     if workers < 0: raise ValueError(f"workers={workers!r} must be >= 0")
     overrides = {k: params[k] for k in SWITCHES if params[k] is not None}
+    if image_views is not None:
+        views = tuple(v.strip() for v in image_views.split(',')) if isinstance(image_views, str) else tuple(image_views)
+        if not views or any(v not in VIEW_KINDS for v in views):
+            raise ValueError(f"image_views={image_views!r}: expected comma-separated kinds of {VIEW_KINDS}")
+        overrides['image_views'] = views
     mcfg = model_config(method, image_encoder=image_encoder, text_encoder=text_encoder, context_length=context_length,
                         **({'image_size': image_size} if image_size else {}), **overrides)
     recipe = RECIPES[method]
@@ -399,7 +406,7 @@ def train(
         except Exception as e: warnings.warn(f"plotting failed: {e}")
     return summary
 
-# %% ../nbs/09_train.ipynb #95e2a096
+# %% ../nbs/09_train.ipynb #d1da3f63
 def threading_main():
     "Signal handlers can only be installed from the main thread."
     import threading
@@ -421,7 +428,7 @@ def _primary_score(res):
     vals = [v for d in res.values() for k, v in d.items() if k == 'top1' or k.endswith('R@1')]
     return float(np.mean(vals)) if vals else 0.
 
-# %% ../nbs/09_train.ipynb #524e333a
+# %% ../nbs/09_train.ipynb #ec22b506
 def read_metrics(output_dir):
     "The records of a run's metrics.jsonl as (train, eval) pandas DataFrames."
     import pandas as pd
@@ -455,7 +462,7 @@ def plot_run(output_dir, fname='curves.png'):
                 if k not in ('step', 'type', 'epoch') and isinstance(v, (int, float)) and not isinstance(v, bool): w.add_scalar(k, v, int(r['step']))
     w.close()
 
-# %% ../nbs/09_train.ipynb #b56eff7e
+# %% ../nbs/09_train.ipynb #81798c62
 from functools import wraps
 
 @call_parse
@@ -466,7 +473,7 @@ def train_cli(**kwargs):
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"declip-train: error: {e}", file=sys.stderr); sys.exit(2)
 
-# %% ../nbs/09_train.ipynb #08093b22
+# %% ../nbs/09_train.ipynb #e243d617
 def train_local(nproc=2, **params):
     "Run `train(**params)` in `nproc` local processes (DDP, one per GPU or gloo on the CPU); rank 0's summary."
     if nproc == 1: return train(**params)
