@@ -7,7 +7,7 @@ __all__ = ['SWITCHES', 'lr_at', 'param_groups', 'make_optimizer', 'atomic_save',
            'environment_info', 'setup_distributed', 'TrainingError', 'train', 'threading_main', 'read_metrics',
            'plot_run', 'train_cli', 'train_local']
 
-# %% ../nbs/09_train.ipynb #3dd049ad
+# %% ../nbs/09_train.ipynb #e7b892f4
 import os, sys, json, math, time, signal, shutil, random, subprocess, platform, warnings
 from pathlib import Path
 from contextlib import nullcontext
@@ -23,7 +23,7 @@ from .pipeline import parse_data_spec, open_train_data, make_train_loader
 from .losses import world_info
 from .evaluation import PRECISIONS, autocast, parse_eval_data, open_eval_sets, evaluate_sets, zero_shot_scoring
 
-# %% ../nbs/09_train.ipynb #80a525b1
+# %% ../nbs/09_train.ipynb #6835654d
 def lr_at(step, total_steps, lr, base_lr, warmup_steps, min_lr=0.):
     "The official schedule: lr at 1-based `step`, linear warm-up base_lr -> lr, then cosine to min_lr."
     if warmup_steps > 1 and step < warmup_steps:
@@ -32,7 +32,7 @@ def lr_at(step, total_steps, lr, base_lr, warmup_steps, min_lr=0.):
     t = min(1., max(0., (step - warmup_steps) / span))
     return min_lr + (lr - min_lr) * (1 + math.cos(math.pi * t)) / 2
 
-# %% ../nbs/09_train.ipynb #73f4f003
+# %% ../nbs/09_train.ipynb #b46bfbb3
 def param_groups(model, weight_decay):
     "Two AdamW groups: decayed weights, and biases / norm weights / logit scales without decay."
     norm_types = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
@@ -52,12 +52,12 @@ def make_optimizer(model, lr, weight_decay, device):
     kw = dict(fused=True) if device.type in ('cuda', 'cpu') else {}
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-8, **kw)
 
-# %% ../nbs/09_train.ipynb #e9acaba0
+# %% ../nbs/09_train.ipynb #ffecf924
 SWITCHES = ('multi_view', 'image_ssl', 'text_ssl', 'nn', 'simclr', 'filip', 'contrastive_text', 'mlm_causal',
             'nn_random_init', 'filip_padding', 'nn_queue_size', 'embed_dim', 'freeze_patch_embed', 'image_views')
 "Model switches that `train` accepts directly as overrides of the preset (None = the preset's value)."
 
-# %% ../nbs/09_train.ipynb #1fbed9a1
+# %% ../nbs/09_train.ipynb #9f42e95c
 def atomic_save(obj, path):
     "torch.save to a temporary file in the same folder, fsync, then rename over `path`."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
@@ -73,14 +73,15 @@ def load_checkpoint_file(path, map_location='cpu'):
     if not path.exists(): raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     return torch.load(path, map_location=map_location, weights_only=True)
 
-# %% ../nbs/09_train.ipynb #0d02b4e0
+# %% ../nbs/09_train.ipynb #755dfa72
 def git_commit():
-    "The git commit of the working tree (with '+dirty' when it has uncommitted changes), or None."
+    "The git commit of the working tree ('+dirty' when its source, i.e. anything outside reports/, has uncommitted changes), or None."
     try:
         here = Path(__file__).resolve().parent if '__file__' in globals() else Path.cwd()
         c = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=here, capture_output=True, text=True, timeout=5)
         if c.returncode: return None
-        d = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=here, capture_output=True, text=True, timeout=5)
+        d = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no', '--', '.', ':(exclude,top)reports'],  # outputs are not source
+                           cwd=here, capture_output=True, text=True, timeout=5)
         return c.stdout.strip() + ('+dirty' if d.stdout.strip() else '')
     except Exception: return None
 
@@ -93,7 +94,7 @@ def environment_info(device):
     if device.type == 'cuda': info['cuda_device'] = torch.cuda.get_device_name(device); info['cuda'] = torch.version.cuda
     return info
 
-# %% ../nbs/09_train.ipynb #04cb42e3
+# %% ../nbs/09_train.ipynb #da6558ac
 def setup_distributed(device=None):
     "Join the process group when launched by torchrun; return (rank, world_size, local_rank, device)."
     world = int(os.environ.get('WORLD_SIZE', '1'))
@@ -106,7 +107,7 @@ def setup_distributed(device=None):
     rank, world = world_info()
     return rank, world, local, device
 
-# %% ../nbs/09_train.ipynb #21b9e0cc
+# %% ../nbs/09_train.ipynb #840e5d26
 class TrainingError(RuntimeError):
     "A run stopped for a reason the user must act on (e.g. repeated non-finite losses)."
 
@@ -150,7 +151,7 @@ def _mean_over_ranks(scalars, world):
     if world > 1: dist.all_reduce(t); t = t / world
     return dict(zip(scalars, t.tolist()))
 
-# %% ../nbs/09_train.ipynb #ed02ad1c
+# %% ../nbs/09_train.ipynb #6f5d9acf
 def train(
     method:str='declip',            # preset: clip, declip, slip, filip, defilip
     train_data:str='synthetic',     # data spec: synthetic[:k=v,...], csv:PATH, tsv:PATH, jsonl:PATH[:ROOT], wds:PATTERN
@@ -406,7 +407,7 @@ def train(
         except Exception as e: warnings.warn(f"plotting failed: {e}")
     return summary
 
-# %% ../nbs/09_train.ipynb #d1da3f63
+# %% ../nbs/09_train.ipynb #81f7c7aa
 def threading_main():
     "Signal handlers can only be installed from the main thread."
     import threading
@@ -428,7 +429,7 @@ def _primary_score(res):
     vals = [v for d in res.values() for k, v in d.items() if k == 'top1' or k.endswith('R@1')]
     return float(np.mean(vals)) if vals else 0.
 
-# %% ../nbs/09_train.ipynb #ec22b506
+# %% ../nbs/09_train.ipynb #66aef2bb
 def read_metrics(output_dir):
     "The records of a run's metrics.jsonl as (train, eval) pandas DataFrames."
     import pandas as pd
@@ -462,7 +463,7 @@ def plot_run(output_dir, fname='curves.png'):
                 if k not in ('step', 'type', 'epoch') and isinstance(v, (int, float)) and not isinstance(v, bool): w.add_scalar(k, v, int(r['step']))
     w.close()
 
-# %% ../nbs/09_train.ipynb #81798c62
+# %% ../nbs/09_train.ipynb #d35c216b
 from functools import wraps
 
 @call_parse
@@ -473,7 +474,7 @@ def train_cli(**kwargs):
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"declip-train: error: {e}", file=sys.stderr); sys.exit(2)
 
-# %% ../nbs/09_train.ipynb #e243d617
+# %% ../nbs/09_train.ipynb #35156433
 def train_local(nproc=2, **params):
     "Run `train(**params)` in `nproc` local processes (DDP, one per GPU or gloo on the CPU); rank 0's summary."
     if nproc == 1: return train(**params)
