@@ -52,7 +52,7 @@ def model_config_from_checkpoint(checkpoint: dict, where: str = 'checkpoint') ->
     known = {f.name for f in fields(ModelConfig)}
     unknown = sorted(set(stored) - known)
     if unknown: warnings.warn(f'{where}: ignoring model options this version of declip does not know: {unknown}')
-    return ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in known})
+    return ModelConfig.from_dict(stored)
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = 'cpu', strict: bool = True):
     "(model, tokenizer, preprocess) from a declip checkpoint file alone, like open_clip's `create_model_and_transforms`."
