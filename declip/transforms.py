@@ -17,7 +17,7 @@ __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'VIEW_KINDS', 'random_resized_crop_p
 # %% ../nbs/01_transforms.ipynb #d26e60f5
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-VIEW_KINDS = ('mocov2', 'standard', 'onecrop')
+VIEW_KINDS = ('mocov2', 'standard', 'onecrop', 'mocov2_nocolour', 'mocov2_noblur')
 
 # %% ../nbs/01_transforms.ipynb #f3fa92ec
 def _uniform(generator: torch.Generator, low: float, high: float) -> float:
@@ -128,11 +128,17 @@ class OneCropView:
         return TF.normalize(TF.to_tensor(image), self.mean, self.std)
 
 # %% ../nbs/01_transforms.ipynb #7e0e46f1
+_VIEWS = {   # kind -> (recipe, options): MOCOV2 with one family of operations off for the augmentation study
+    'mocov2': (MoCoV2View, {}), 'standard': (StandardView, {}), 'onecrop': (OneCropView, {}),
+    'mocov2_nocolour': (MoCoV2View, dict(p_jitter=0.0, p_grayscale=0.0)),
+    'mocov2_noblur': (MoCoV2View, dict(p_blur=0.0)),
+}
+
 def view_transform(kind: str, image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    "The view recipe `kind` ('mocov2' | 'standard' | 'onecrop') at `image_size`: callable(PIL image, generator) -> [3, S, S]."
-    views = dict(mocov2=MoCoV2View, standard=StandardView, onecrop=OneCropView)
-    if kind not in views: raise ValueError(f'view kind must be one of {VIEW_KINDS}, got {kind!r}')
-    return views[kind](image_size, mean=mean, std=std)
+    "The view recipe `kind` (one of `VIEW_KINDS`) at `image_size`: callable(PIL image, generator) -> [3, S, S]."
+    if kind not in _VIEWS: raise ValueError(f'view kind must be one of {VIEW_KINDS}, got {kind!r}')
+    cls, options = _VIEWS[kind]
+    return cls(image_size, mean=mean, std=std, **options)
 
 def eval_transform(image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     "The ONECROP evaluation transform at `image_size`: callable(PIL image) -> [3, S, S]."
