@@ -365,7 +365,7 @@ def caption_mentions(caption: str) -> list[tuple[str | None, str]]:
 
 # %% ../nbs/03_synthetic.ipynb #708be039
 SPLITS = ('train', 'val', 'test')
-_STREAM_IDS = {'train': 0, 'val': 1, 'test': 2, 'shape': 10, 'colour': 11, 'composition': 12, 'composition_seen': 13}
+_STREAM_IDS = {'train': 0, 'val': 1, 'test': 2, 'shape': 10, 'colour': 11, 'composition': 12, 'composition_seen': 13, 'shape_gray': 14}
 
 def _rng(seed: int, split: str, index: int, stream: int) -> np.random.Generator:
     return np.random.default_rng((seed, _STREAM_IDS[split], index, stream))
@@ -425,7 +425,7 @@ class SceneLoader:
 
     def classes(self) -> list[tuple[str | None, str | None]]:
         "(colour, shape) constraint of each class; None = free."
-        if self.task == 'shape': return [(None, s) for s in SHAPE_NAMES]
+        if self.task in ('shape', 'shape_gray'): return [(None, s) for s in SHAPE_NAMES]
         if self.task == 'colour': return [(c, None) for c in COLOUR_NAMES]
         if self.task == 'composition': return list(HELDOUT_PAIRS)
         if self.task == 'composition_seen': return list(COMPARISON_PAIRS)
@@ -440,22 +440,24 @@ class SceneLoader:
         pairs = [(c, s) for c, s in TRAIN_PAIRS if c == colour or s == shape] if colour is None or shape is None else [(colour, shape)]
         return sample_scene(rng, n_objects=1, pairs=pairs, sizes=('medium', 'large'), margin=1 / 16)
 
-    def __call__(self, i) -> Image.Image: return render_scene(self.scene(i), self.image_size)
+    def __call__(self, i) -> Image.Image:
+        image = render_scene(self.scene(i), self.image_size)
+        return image.convert('L').convert('RGB') if self.task == 'shape_gray' else image
     def __repr__(self): return f'SceneLoader({self.task!r}, seed={self.seed}, image_size={self.image_size})'
 
 def synthetic_eval_sets(seed=0, image_size=64, n_per_class=50, n_retrieval=1000, captions_per_image=2) -> dict:
-    "Zero-shot tasks 'shape', 'colour', 'composition', 'composition_seen' (ClassificationSet) and 'retrieval' (RetrievalSet)."
+    "Zero-shot tasks 'shape', 'shape_gray', 'colour', 'composition', 'composition_seen' (ClassificationSet) and 'retrieval' (RetrievalSet)."
     for name, v, low in (('seed', seed, 0), ('image_size', image_size, 16), ('n_per_class', n_per_class, 1),
                          ('n_retrieval', n_retrieval, 1), ('captions_per_image', captions_per_image, 1)):
         _check_int(name, v, low, 'synthetic_eval_sets')
     sets = {}
-    for task in ('shape', 'colour', 'composition', 'composition_seen'):
+    for task in ('shape', 'shape_gray', 'colour', 'composition', 'composition_seen'):
         loader = SceneLoader(task, seed, image_size)
         classes = loader.classes()
         names = [' '.join(w for w in pair if w) for pair in classes]
         n = n_per_class * len(classes)
         sets[task] = ClassificationSet(list(range(n)), [i % len(classes) for i in range(n)], names,
-                                       list(PROMPT_TEMPLATES['composition' if task.startswith('composition') else task]), loader=loader,
+                                       list(PROMPT_TEMPLATES[task.split('_')[0]]), loader=loader,
                                        source=f'synthetic:{task} (seed={seed}, {n} images, {len(classes)} classes)')
     loader = SceneLoader('test', seed, image_size)
     captions = [[caption_scene(loader.scene(i), _rng(seed, 'test', i, 10 + k), complete=True) for k in range(captions_per_image)]
