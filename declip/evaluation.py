@@ -12,15 +12,16 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from .datasets import ClassificationSet, RetrievalSet
 from .pipeline import parse_data_spec, open_eval_data
+from .device import PRECISIONS, autocast
 
 # %% auto #0
-__all__ = ['IMAGENET_CLASSNAMES', 'TEMPLATES', 'DEFAULT_L2_GRID', 'PROBE_DATASETS', 'PRECISIONS', 'SCORINGS', 'load_templates',
-           'eval_mode', 'model_device', 'resolve_transform', 'resolve_tokenizer', 'encode_texts', 'extract_features',
+__all__ = ['IMAGENET_CLASSNAMES', 'TEMPLATES', 'DEFAULT_L2_GRID', 'PROBE_DATASETS', 'SCORINGS', 'load_templates', 'eval_mode',
+           'model_device', 'resolve_transform', 'resolve_tokenizer', 'encode_texts', 'extract_features',
            'zero_shot_classifier', 'classification_metrics', 'confusion_matrix', 'zero_shot_eval', 'retrieval_metrics',
            'retrieval_eval', 'filip_class_embeddings', 'filip_scores', 'filip_zero_shot_eval', 'recall_from_scores',
            'filip_similarity', 'filip_retrieval_eval', 'fit_logistic_regression', 'stratified_split', 'linear_probe',
            'linear_probe_eval', 'open_probe_dataset', 'linear_probe_torchvision', 'split_named_entry',
-           'parse_eval_data', 'open_eval_sets', 'autocast', 'zero_shot_scoring', 'evaluate_sets']
+           'parse_eval_data', 'open_eval_sets', 'zero_shot_scoring', 'evaluate_sets']
 
 # %% ../nbs/08_evaluation.ipynb #13200540
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES as _OPENAI_TEMPLATE_FNS
@@ -466,14 +467,7 @@ def open_eval_sets(eval_data, image_size: int | None) -> dict:
     return sets
 
 # %% ../nbs/08_evaluation.ipynb #13181cfa
-PRECISIONS = ('fp32', 'bf16', 'fp16')
 SCORINGS = ('auto', 'global', 'filip')
-
-def autocast(device, precision: str = 'fp32'):
-    "The context for `precision` on `device`: nothing for fp32, torch autocast to bfloat16 / float16 otherwise."
-    if precision not in PRECISIONS: raise ValueError(f'precision={precision!r}: expected one of {PRECISIONS}')
-    if precision == 'fp32': return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16 if precision == 'bf16' else torch.float16)
 
 def zero_shot_scoring(model, method: str | None = None) -> str:
     "'filip' for FILIP models (official token-wise zero-shot, reference 5.3), 'global' for the rest (DeFILIP too)."

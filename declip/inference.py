@@ -16,18 +16,18 @@ from .models import DeCLIP, ModelConfig
 from .transforms import eval_transform
 from .datasets import ClassificationSet, RetrievalSet
 from .pipeline import parse_data_spec, open_eval_data, open_train_data
-from .evaluation import (PRECISIONS, SCORINGS, autocast, open_eval_sets, evaluate_sets, zero_shot_scoring,
+from .device import PRECISIONS, autocast
+from .evaluation import (SCORINGS, open_eval_sets, evaluate_sets, zero_shot_scoring,
                                filip_similarity, linear_probe_eval, encode_texts, load_templates, eval_mode, model_device,
                                resolve_transform, resolve_tokenizer, stratified_split, split_named_entry)
-from .train import load_checkpoint_file, environment_info
+from .runs import load_checkpoint_file, markdown_table, provenance_markdown
 
 # %% auto #0
-__all__ = ['TABLE_COLUMNS', 'resolve_checkpoint_path', 'model_config_from_checkpoint', 'load_checkpoint', 'parse_probe_data',
-           'split_classification_set', 'open_probe_sets', 'evaluate', 'results_table', 'markdown_table',
-           'write_results', 'provenance', 'default_output_dir', 'queue_neighbours', 'top_captions',
-           'plot_retrieval_examples', 'plot_queue_neighbours', 'plot_confusion_matrix', 'load_clip_benchmark_model',
-           'register_clip_benchmark', 'clip_benchmark_templates', 'ClipBenchmarkClassification',
-           'ClipBenchmarkRetrieval', 'clip_benchmark_loader']
+__all__ = ['TABLE_COLUMNS', 'TABLE_FORMATS', 'resolve_checkpoint_path', 'model_config_from_checkpoint', 'load_checkpoint',
+           'parse_probe_data', 'split_classification_set', 'open_probe_sets', 'evaluate', 'results_table',
+           'write_results', 'default_output_dir', 'queue_neighbours', 'top_captions', 'plot_retrieval_examples',
+           'plot_queue_neighbours', 'plot_confusion_matrix', 'load_clip_benchmark_model', 'register_clip_benchmark',
+           'clip_benchmark_templates', 'ClipBenchmarkClassification', 'ClipBenchmarkRetrieval', 'clip_benchmark_loader']
 
 # %% ../nbs/10_inference.ipynb #d022dca0
 def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
@@ -175,6 +175,7 @@ def evaluate(model_or_checkpoint, eval_data=None, probe_data=None, device=None, 
 # %% ../nbs/10_inference.ipynb #09463685
 TABLE_COLUMNS = ('top1', 'top5', 'mean_per_class_recall', 'image_to_text_R@1', 'image_to_text_R@5', 'image_to_text_R@10',
                  'text_to_image_R@1', 'text_to_image_R@5', 'text_to_image_R@10', 'mean_recall', 'best_l2')
+TABLE_FORMATS = dict(best_l2='{:g}')   # an L2 strength is a power of ten, not a fraction
 
 def results_table(results: dict):
     "One row per set: its task (zero-shot / retrieval / linear probe) and its metrics (fractions in [0, 1])."
@@ -183,42 +184,22 @@ def results_table(results: dict):
     for name, m in results.items():
         task = 'linear probe' if name.startswith('probe.') else 'retrieval' if 'mean_recall' in m else 'zero-shot'
         rows[name] = dict(task=task, **{k: m[k] for k in TABLE_COLUMNS if k in m and not torch.is_tensor(m[k])})
-    df = pd.DataFrame.from_dict(rows, orient='index')
+    df = pd.DataFrame.from_dict(rows, orient='index').rename_axis('set')
     return df[['task'] + [c for c in TABLE_COLUMNS if c in df.columns]]
 
-def markdown_table(df, digits: int = 3) -> str:
-    "A pandas DataFrame as a GitHub markdown table (no `tabulate` needed)."
-    def fmt(v, column):
-        if v is None or (isinstance(v, float) and math.isnan(v)): return ''
-        if not isinstance(v, float): return str(v)
-        return f'{v:g}' if column == 'best_l2' else f'{v:.{digits}f}'
-    head = ['set'] + list(df.columns)
-    lines = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join(['---'] * len(head)) + '|']
-    for name, row in df.iterrows(): lines.append('| ' + ' | '.join([str(name)] + [fmt(v, c) for c, v in row.items()]) + ' |')
-    return '\n'.join(lines)
-
 def write_results(results: dict, output_dir, provenance: dict | None = None) -> dict:
-    "Write `results.csv`, `results.md` and `results.json` (with `provenance`) into `output_dir`; return their paths."
+    "Write `results.csv`, `results.md` and `results.json` (with `provenance`, a `runs.provenance_facts` dict) into `output_dir`."
     out = Path(output_dir); out.mkdir(parents=True, exist_ok=True)
     df = results_table(results)
     df.to_csv(out / 'results.csv', index_label='set')
     prov = provenance or {}
-    md = ['# Evaluation', '']
-    if prov: md += [f'- {k}: `{v}`' if not isinstance(v, dict) else f'- {k}: ' + ', '.join(f'{a}=`{b}`' for a, b in v.items())
-                    for k, v in prov.items()] + ['']
-    md += [markdown_table(df), '', 'Metrics are fractions in [0, 1]; zero-shot: top-1 / top-5 / mean per-class recall; '
+    md = ['# Evaluation', ''] + ([provenance_markdown(prov), ''] if prov else [])
+    md += [markdown_table(df, formats=TABLE_FORMATS), '', 'Metrics are fractions in [0, 1]; zero-shot: top-1 / top-5 / mean per-class recall; '
            'retrieval: recall@k both ways; linear probe: test top-1 with the L2 strength chosen on a validation split.', '']
     (out / 'results.md').write_text('\n'.join(md))
     plain = {n: {k: v for k, v in m.items() if not torch.is_tensor(v)} for n, m in results.items()}
     (out / 'results.json').write_text(json.dumps(dict(results=plain, provenance=prov), indent=2, default=str))
     return dict(csv=out / 'results.csv', md=out / 'results.md', json=out / 'results.json')
-
-def provenance(params: dict, device=None, wall_time_s: float | None = None) -> dict:
-    "Parameters, git commit, date, device and wall time of an evaluation (conventions: every report carries them)."
-    env = environment_info(torch.device(device or 'cpu'))
-    return dict(date=datetime.now(timezone.utc).isoformat(timespec='seconds'), git_commit=env.get('git_commit'),
-                device=env.get('cuda_device', env['device']), torch=env['torch'], declip=env['declip'],
-                wall_time_s=None if wall_time_s is None else round(wall_time_s, 2), parameters=params)
 
 def default_output_dir(checkpoint) -> Path:
     "Where an evaluation of `checkpoint` goes by default: `<run>/eval` (next to the run's `checkpoints/`)."

@@ -4,20 +4,19 @@
 
 # %% ../nbs/11_study.ipynb #0aa17b37
 from __future__ import annotations
-import hashlib, json, os, platform, shutil, subprocess, sys, tempfile, threading, time
+import hashlib, json, os, shutil, subprocess, sys, tempfile, threading, time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from datetime import datetime, timezone
 from pathlib import Path
 import numpy as np, pandas as pd
-import torch
 from fastcore.script import call_parse, Param, store_true
 
-from .train import git_commit, train
+from .runs import markdown_table, provenance
+from .train import train
 
 # %% auto #0
 __all__ = ['ABLATION_VARIANTS', 'VARIANT_GROUPS', 'RELATIVE_COST', 'REPORTS', 'study_run', 'run_cost', 'run_key', 'run_grid',
-           'mean_std', 'difference', 'markdown_table', 'saving_factor', 'device_description', 'provenance',
-           'default_runs_dir', 'regenerate', 'reports_cli']
+           'mean_std', 'difference', 'saving_factor', 'default_runs_dir', 'regenerate', 'reports_cli']
 
 # %% ../nbs/11_study.ipynb #d236c2dc
 ABLATION_VARIANTS = {
@@ -170,15 +169,6 @@ def difference(mean:pd.DataFrame, std:pd.DataFrame, runs:pd.Series, a, b, metric
     se = float(np.sqrt(std.loc[a, metric] ** 2 / runs[a] + std.loc[b, metric] ** 2 / runs[b]))
     return d, se, bool(se > 0 and abs(d) > 2 * se)
 
-# %% ../nbs/11_study.ipynb #05efdae1
-def markdown_table(df:pd.DataFrame, floatfmt='{:.3f}') -> str:
-    "A DataFrame (index as the first column) as a GitHub-flavoured markdown table."
-    def cell(v): return floatfmt.format(v) if isinstance(v, (float, np.floating)) else str(v)
-    head = [str(df.index.name or '')] + [str(c) for c in df.columns]
-    lines = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join(['---'] * len(head)) + '|']
-    lines += ['| ' + ' | '.join([str(i)] + [cell(v) for v in row]) + ' |' for i, row in zip(df.index, df.itertuples(index=False))]
-    return '\n'.join(lines)
-
 # %% ../nbs/11_study.ipynb #eabcc5cf
 def _invert(sizes, acc, a):
     "Pairs at which the (monotone-made) curve (sizes, acc) reaches accuracy a; +-inf outside its range."
@@ -214,36 +204,6 @@ def saving_factor(df:pd.DataFrame, metric:str, base='CLIP', other='DeCLIP', meth
                          reading=fmt(k, n) + (f' (above all of {base})' if k == np.inf else f' (below all of {base})' if k == -np.inf else ''),
                          interval=f'{fmt(lo, n)} to {fmt(hi, n)}'))
     return pd.DataFrame(rows).set_index('pairs')
-
-# %% ../nbs/11_study.ipynb #23884fa3
-def device_description():
-    "CPU model and core count, and the GPU if there is one."
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open('/proc/cpuinfo'):
-            if line.startswith('model name'): cpu = line.split(':', 1)[1].strip(); break
-    except OSError: pass
-    s = f"{cpu}, {os.cpu_count()} cores"
-    if torch.cuda.is_available(): s += f"; {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
-    return s
-
-def provenance(params:dict, started:float, command:str=None, commit:str=None, runs:pd.DataFrame=None) -> str:
-    "Markdown: command, parameters, git commit (`commit`: taken at the start), date, device, versions, wall time, and the `runs` (a `run_grid` table)."
-    import timm, declip
-    lines = ['| | |', '|---|---|']
-    if command: lines.append(f'| command | `{command}` |')
-    lines += [f'| git commit | `{commit or git_commit()}` (at the start) |',
-              f"| date (UTC) | {datetime.fromtimestamp(started, timezone.utc).strftime('%Y-%m-%d %H:%M')} to {datetime.now(timezone.utc).strftime('%H:%M')} |",
-              f'| device | {device_description()} |',
-              f'| versions | python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, declip {declip.__version__} |',
-              f'| wall time | {(time.time() - started) / 60:.1f} min |']
-    if runs is not None and len(runs):
-        commits = ', '.join(f'`{c}`' for c in sorted(set(map(str, runs.git_commit))))
-        lines += [f"| training runs | {len(runs)} ({(runs.status == 'cached').sum()} read from the run cache), "
-                  f"{runs.wall_time_s.sum() / 3600:.2f} run-hours, finished {runs.finished.min()} to {runs.finished.max()} UTC, "
-                  f"trained at commit(s) {commits} |"]
-    lines += ['', 'Parameters:', '', '```', *[f'{k} = {v!r}' for k, v in params.items()], '```']
-    return '\n'.join(lines)
 
 # %% ../nbs/11_study.ipynb #ac97b0f7
 REPORTS = {
