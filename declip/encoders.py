@@ -76,14 +76,6 @@ class ImageEncoder(nn.Module):
         if self.kind == 'vit': return self.trunk.norm(self._vit_tokens(x)[:, 0])
         return self.trunk.forward_features(x).mean((2, 3))
 
-    def forward_with_features(self, x):
-        "Pooled embedding and pre-projection feature from one pass (SLIP needs both)."
-        if self.kind == 'vit':
-            f = self.trunk.norm(self._vit_tokens(x)[:, 0])
-            return self.proj(f), f
-        f = self.trunk.forward_features(x)
-        return self.trunk.forward_head(f), f.mean((2, 3))
-
     def forward(self, x):
         if self.kind == 'vit': return self.proj(self.trunk.norm(self._vit_tokens(x)[:, 0]))
         return self.trunk(x)

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from .datasets import ClassificationSet, RetrievalSet
 from .pipeline import parse_data_spec, open_eval_data
 from .device import PRECISIONS, autocast
+from .models import METHODS
 
 # %% auto #0
 __all__ = ['IMAGENET_CLASSNAMES', 'TEMPLATES', 'DEFAULT_L2_GRID', 'PROBE_DATASETS', 'SCORINGS', 'load_templates', 'eval_mode',
@@ -470,12 +471,11 @@ def open_eval_sets(eval_data, image_size: int | None) -> dict:
 SCORINGS = ('auto', 'global', 'filip')
 
 def zero_shot_scoring(model, method: str | None = None) -> str:
-    "'filip' for FILIP models (official token-wise zero-shot, reference 5.3), 'global' for the rest (DeFILIP too)."
+    "The scoring of the model's method record (`models.METHODS`): 'filip' for FILIP (token-wise, reference 5.3), else 'global'."
     c = getattr(model, 'cfg', None)
     if c is None or not getattr(c, 'filip', False): return 'global'              # no FILIP token heads
-    method = method or (getattr(model, 'checkpoint_info', None) or {}).get('method')
-    if method is not None: return 'filip' if method == 'filip' else 'global'
-    return 'global' if (c.multi_view or c.image_ssl or c.text_ssl or c.nn or c.simclr) else 'filip'
+    method = method or (getattr(model, 'checkpoint_info', None) or {}).get('method') or getattr(c, 'method', None)
+    return METHODS[method].scoring if method in METHODS else 'global'
 
 def evaluate_sets(model, sets, device=None, precision: str = 'fp32', batch_size: int = 256, scoring: str = 'auto',
                   workers: int = 0, tokenizer=None, transform: Callable | None = None, return_predictions: bool = False,

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import torch, torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from .models import DeCLIP, ModelConfig
+from .models import DeCLIP, ModelConfig, ALIASES, RETIRED_FIELDS
 from .transforms import eval_transform
 from .datasets import ClassificationSet, RetrievalSet
 from .pipeline import parse_data_spec, open_eval_data, open_train_data
@@ -49,10 +49,12 @@ def model_config_from_checkpoint(checkpoint: dict, where: str = 'checkpoint') ->
     if not isinstance(stored, dict):
         raise ValueError(f"{where}: no model configuration at config['resolved']['model']; "
                          'expected a checkpoint written by declip.train')
-    known = {f.name for f in fields(ModelConfig)}
+    known = {f.name for f in fields(ModelConfig)} | set(ALIASES) | set(RETIRED_FIELDS)
     unknown = sorted(set(stored) - known)
     if unknown: warnings.warn(f'{where}: ignoring model options this version of declip does not know: {unknown}')
-    return ModelConfig.from_dict(stored)
+    cfg = ModelConfig.from_dict(stored)
+    if cfg.method is None: cfg.method = checkpoint['config'].get('method')    # stored before configs recorded it
+    return cfg
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = 'cpu', strict: bool = True):
     "(model, tokenizer, preprocess) from a declip checkpoint file alone, like open_clip's `create_model_and_transforms`."

@@ -11,19 +11,20 @@ from pathlib import Path
 import numpy as np, pandas as pd
 from fastcore.script import call_parse, Param, store_true
 
+from .models import METHODS, ALIASES
 from .runs import markdown_table, provenance
 from .train import train
 
 # %% auto #0
-__all__ = ['ABLATION_VARIANTS', 'VARIANT_GROUPS', 'RELATIVE_COST', 'REPORTS', 'study_run', 'run_cost', 'run_key', 'run_grid',
+__all__ = ['ABLATION_VARIANTS', 'VARIANT_GROUPS', 'KEY_NAMES', 'REPORTS', 'study_run', 'run_cost', 'run_key', 'run_grid',
            'mean_std', 'difference', 'saving_factor', 'default_runs_dir', 'regenerate', 'reports_cli']
 
 # %% ../nbs/11_study.ipynb #d236c2dc
 ABLATION_VARIANTS = {
     'CLIP':            dict(method='clip'),
-    '+MVS':            dict(method='declip', image_ssl=False, text_ssl=False, nn=False, contrastive_text='clean'),
-    '+MVS+ISS':        dict(method='declip', text_ssl=False, nn=False, contrastive_text='clean'),
-    '+MVS+ISS+TSS':    dict(method='declip', nn=False),
+    '+MVS':            dict(method='declip', image_ssl=False, text_ssl=False, nearest_neighbour=False, contrastive_text='clean'),
+    '+MVS+ISS':        dict(method='declip', text_ssl=False, nearest_neighbour=False, contrastive_text='clean'),
+    '+MVS+ISS+TSS':    dict(method='declip', nearest_neighbour=False),
     'DeCLIP':          dict(method='declip'),                      # = +MVS+ISS+TSS+NNS
     'SLIP':            dict(method='slip'),
     'FILIP':           dict(method='filip'),
@@ -32,11 +33,11 @@ ABLATION_VARIANTS = {
     'DeCLIP, bidirectional MLM':          dict(method='declip', mlm_causal=False),
     'DeCLIP, queue without random start': dict(method='declip', nn_random_init=False),
     'CLIP, MoCo v2 view':   dict(method='clip', image_views='mocov2'),
-    '+MVS, standard views': dict(method='declip', image_ssl=False, text_ssl=False, nn=False, contrastive_text='clean',
+    '+MVS, standard views': dict(method='declip', image_ssl=False, text_ssl=False, nearest_neighbour=False, contrastive_text='clean',
                                  image_views='standard,standard'),
     'DeCLIP, standard views': dict(method='declip', image_views='standard,standard'),
 }
-"Study variants: name -> `train` keyword arguments (a preset plus switches)."
+"Study variants: name -> `train` keyword arguments (a method plus switches)."
 
 VARIANT_GROUPS = {'ablation': ['CLIP', '+MVS', '+MVS+ISS', '+MVS+ISS+TSS', 'DeCLIP'],
                   'methods': ['CLIP', 'SLIP', 'FILIP', 'DeCLIP', 'DeFILIP'],
@@ -46,9 +47,6 @@ VARIANT_GROUPS = {'ablation': ['CLIP', '+MVS', '+MVS+ISS', '+MVS+ISS+TSS', 'DeCL
                                    'DeCLIP, standard views']}
 
 # %% ../nbs/11_study.ipynb #0cb32d7e
-RELATIVE_COST = {'clip': 1.0, 'filip': 1.2, 'declip': 2.4, 'defilip': 2.6, 'slip': 3.0}
-"Rough step cost of each preset relative to CLIP (tiny towers, CPU; `reports/performance.md`), to start long runs first."
-
 def study_run(variant:str, seed:int, train_size:int, steps:int, batch_size:int=64, image_encoder='vit-tiny',
               text_encoder='text-tiny', eval_data='synthetic', workers:int=0, image_size:int=None, **extra) -> dict:
     "One run of a study: a variant of `ABLATION_VARIANTS` trained `steps` steps on `train_size` synthetic pairs."
@@ -59,13 +57,20 @@ def study_run(variant:str, seed:int, train_size:int, steps:int, batch_size:int=6
     return dict(name=f'{variant}-n{train_size}-s{seed}', variant=variant, method=params['method'], seed=seed,
                 train_size=train_size, params=params)
 
-def run_cost(run): return RELATIVE_COST.get(run['method'], 1.0) * run['params']['max_steps']
+def run_cost(run):
+    "A run's rough cost, to start long runs first: its method's step cost relative to CLIP (`models.Method`) x its steps."
+    return (METHODS[run['method']].relative_cost if run['method'] in METHODS else 1.0) * run['params']['max_steps']
 
 # %% ../nbs/11_study.ipynb #661cfdfb
+KEY_NAMES = {new: old for old, new in ALIASES.items()}
+"Switch name -> the name it is hashed under (its name when the run cache was started)."
+
 def run_key(params:dict) -> str:
-    "A short stable hash of a run's `train` parameters (without `output_dir`, `progress`, `workers`)."
-    keep = {k: v for k, v in sorted(params.items()) if k not in ('output_dir', 'progress', 'workers')}
-    return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    "A short stable hash of a run's `train` parameters (without `output_dir`, `progress`, `workers`; renamed switches under their old names)."
+    keep = {KEY_NAMES.get(k, k): v for k, v in params.items() if k not in ('output_dir', 'progress', 'workers')}
+    if len(keep) < len([k for k in params if k not in ('output_dir', 'progress', 'workers')]):
+        raise ValueError(f"run parameters name a switch twice (under an old and a new name): {sorted(params)}")
+    return hashlib.sha1(json.dumps(dict(sorted(keep.items())), sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 def _slug(s): return ''.join(c if c.isalnum() else '-' for c in s).strip('-').lower()
 

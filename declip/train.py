@@ -275,7 +275,7 @@ def train(
                         raise TrainingError(f"{consecutive_nonfinite} non-finite losses in a row at step {step}; "
                                             f"last good checkpoint: {ckpt_dir / 'last.pt'}. Lower lr or use precision='fp32'.")
                 scaler.update(); opt.zero_grad(set_to_none=True)
-                unwrap(model).clamp_logit_scale()
+                with torch.no_grad(): unwrap(model).logit_scale.clamp_(*recipe['logit_scale_clamp'])
                 if step % log_every == 0 or step == total_steps:
                     now = time.time()
                     terms = mean_over_ranks(dict(loss=o['loss'], **{f"loss_{k}": v for k, v in o['losses'].items()},
