@@ -17,16 +17,18 @@ from .text import EDA, get_tokenizer, mask_tokens
 from .datasets import (BadSample, ClassificationSet, CsvImageText, JsonlImageText, RetrievalSet,
                              WebDatasetImageText, expand_shard_patterns, image_folder)
 from .synthetic import SyntheticImageText, synthetic_eval_sets
+from .openclipart import OpenClipArt, openclipart_eval_sets
 
 # %% auto #0
 __all__ = ['DATA_KINDS', 'DATA_SPEC_FORMS', 'DataSpec', 'parse_data_spec', 'ClassCaptionData', 'open_train_data',
-           'open_eval_data', 'Skipped', 'key_to_index', 'sample_seeds', 'shuffle_seed', 'SamplePipeline', 'TrainData',
-           'TrainStream', 'collate', 'EpochSampler', 'TrainLoader', 'make_train_loader', 'make_eval_loader']
+           'open_eval_data', 'default_eval_data', 'Skipped', 'key_to_index', 'sample_seeds', 'shuffle_seed',
+           'SamplePipeline', 'TrainData', 'TrainStream', 'collate', 'EpochSampler', 'TrainLoader', 'make_train_loader',
+           'make_eval_loader']
 
 # %% ../nbs/04_pipeline.ipynb #3f5abc12
-DATA_KINDS = ('synthetic', 'csv', 'tsv', 'jsonl', 'wds', 'imagefolder')
+DATA_KINDS = ('synthetic', 'csv', 'tsv', 'jsonl', 'wds', 'imagefolder', 'openclipart')
 DATA_SPEC_FORMS = ('synthetic[:k=v,...]', 'csv:PATH[:k=v,...]', 'tsv:PATH[:k=v,...]', 'jsonl:PATH[:ROOT][:k=v,...]',
-                   'wds:PATTERN[:k=v,...]', 'imagefolder:PATH[:k=v,...]')
+                   'wds:PATTERN[:k=v,...]', 'imagefolder:PATH[:k=v,...]', 'openclipart[:ROOT][:k=v,...]')
 _OPTIONS = re.compile(r'[A-Za-z_]\w*=[^,=]*(,[A-Za-z_]\w*=[^,=]*)*')
 
 @dataclass
@@ -59,6 +61,7 @@ def parse_data_spec(spec: str | DataSpec) -> DataSpec:
     if kind == 'synthetic':
         if any(p.strip() for p in parts): raise _spec_error(spec, f'synthetic takes only k=v options, got {":".join(parts)!r}')
         return DataSpec(kind, options=options, spec=text)
+    if kind == 'openclipart': return DataSpec(kind, ':'.join(parts).strip() or None, options=options, spec=text)
     root = None
     if kind == 'jsonl' and len(parts) >= 2: root = parts.pop()
     path = ':'.join(parts)                     # a wds pattern may join patterns with '::'
@@ -128,6 +131,9 @@ def open_train_data(spec: str | DataSpec, **defaults) -> Dataset | IterableDatas
         _require_shards(spec)
         return _call_with_options(WebDatasetImageText, spec, spec.options, {'pattern': spec.path, **defaults},
                                   reserved=('pattern', 'rank', 'world_size', 'epoch'))
+    if spec.kind == 'openclipart':
+        return _call_with_options(OpenClipArt, spec, spec.options, {'root': spec.path}, reserved=('root',),
+                                  also_known=inspect.signature(openclipart_eval_sets).parameters)
     if spec.kind == 'imagefolder':
         _require(spec.path, 'image folder', spec, folder=True)
         return ClassCaptionData(_call_with_options(image_folder, spec, spec.options, {'path': spec.path}, reserved=('path',)))
@@ -140,16 +146,28 @@ def open_train_data(spec: str | DataSpec, **defaults) -> Dataset | IterableDatas
     return _call_with_options(CsvImageText, spec, spec.options, fixed, reserved=('path',))
 
 def open_eval_data(spec: str | DataSpec, **defaults) -> ClassificationSet | RetrievalSet | dict:
-    "The evaluation set(s) a spec names: synthetic -> dict of sets; imagefolder -> ClassificationSet; csv/tsv/jsonl -> RetrievalSet."
+    "The evaluation set(s) a spec names: synthetic, openclipart -> dict of sets; imagefolder -> ClassificationSet; csv/tsv/jsonl -> RetrievalSet."
     spec = parse_data_spec(spec)
     if spec.kind == 'synthetic':
         return _call_with_options(synthetic_eval_sets, spec, spec.options, defaults,
                                   also_known=inspect.signature(SyntheticImageText).parameters)
-    if spec.kind == 'wds': raise ValueError(f'data spec {spec.spec!r}: wds sources are train-only; evaluate on csv, tsv, jsonl, imagefolder or synthetic')
+    if spec.kind == 'openclipart':
+        return _call_with_options(openclipart_eval_sets, spec, spec.options, {'root': spec.path, **defaults}, reserved=('root',),
+                                  also_known=inspect.signature(OpenClipArt).parameters)
+    if spec.kind == 'wds': raise ValueError(f'data spec {spec.spec!r}: wds sources are train-only; evaluate on csv, tsv, jsonl, imagefolder, synthetic or openclipart')
     if spec.kind == 'imagefolder':
         _require(spec.path, 'image folder', spec, folder=True)
         return _call_with_options(image_folder, spec, spec.options, {'path': spec.path}, reserved=('path',))
     return open_train_data(spec).to_retrieval_set()
+
+# %% ../nbs/04_pipeline.ipynb #59fa3a65
+def default_eval_data(train_data: str | DataSpec) -> str:
+    "The eval spec that goes with a training spec: 'synthetic', 'openclipart[:ROOT]:split=val[,...]', or '' (none)."
+    spec = parse_data_spec(train_data)
+    if spec.kind == 'synthetic': return 'synthetic'
+    if spec.kind != 'openclipart': return ''
+    options = {'split': 'val'} | {k: v for k, v in spec.options.items() if k in ('cache', 'max_side')}
+    return ':'.join(['openclipart'] + ([spec.path] if spec.path else []) + [','.join(f'{k}={v}' for k, v in options.items())])
 
 # %% ../nbs/04_pipeline.ipynb #6dc38b4c
 class Skipped(NamedTuple):
