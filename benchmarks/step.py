@@ -7,9 +7,9 @@ pipeline against the step, all measured in one process with interleaved repetiti
     python benchmarks/step.py --quick         # ~1-2 min
     python benchmarks/step.py --device cuda --precision bf16 --batch 256 --compile both   # see benchmarks/gpu.sh
 
-What one "step" is (the trainer's, `declip.train.train`): forward under autocast, backward, the trainer's
-non-finite check (`torch.isfinite(loss).item()`), AdamW step (declip's `make_optimizer`: fused), zero_grad,
-logit-scale clamp. open_clip's step is open_clip's `train_one_epoch` body: `model(images, texts)`, `ClipLoss`,
+What one "step" is: the trainer's own, `declip.step.train_step` (forward under autocast, backward, the
+non-finite check `torch.isfinite(loss).item()`, AdamW step with declip's `make_optimizer`: fused, zero_grad,
+the method's logit-scale clamp). open_clip's step is open_clip's `train_one_epoch` body: `model(images, texts)`, `ClipLoss`,
 backward, the same AdamW, logit-scale clamp to [0, ln 100].
 
 On CPU the step time that the ratios use is the process CPU time (threads fixed by --threads, 1 by default): on a
@@ -151,7 +151,7 @@ class Case:
         self.arch, self.method, self.a, self.dev, self.precision = arch, method, a, dev, precision
         self.compiled, self.sync_check = compiled, sync_check
         # variants for before/after measurements (benchmarks/ab.py): the package that builds the model, the
-        # optimizer ('trainer' = declip.train.make_optimizer, 'fused', 'default' = torch's choice), channels_last
+        # optimizer ('trainer' = declip.step.make_optimizer, 'fused', 'default' = torch's choice), channels_last
         # for convnets (the trainer's default), batch keys to leave out
         self.pkg, self.optimizer, self.channels_last, self.drop_keys = pkg, optimizer, channels_last, tuple(drop_keys)
         self.label = label or (method + (' +compile' if compiled else '') + ('' if sync_check else ' (no .item)'))
@@ -164,7 +164,7 @@ class Case:
 
     def make_optimizer(self, m):
         import torch
-        from declip.train import make_optimizer, param_groups
+        from declip.step import make_optimizer, param_groups
         if self.optimizer == 'trainer': return make_optimizer(m, LR, WD, self.dev)
         kw = dict(fused=True) if self.optimizer == 'fused' else {}
         return torch.optim.AdamW(param_groups(m, WD), lr=LR, betas=(0.9, 0.98), eps=1e-8, **kw)
@@ -215,13 +215,19 @@ class Case:
 
     def step(self):
         import torch
+        from declip.models import METHODS
+        from declip.step import train_step, clamp_logit_scale
+        if self.method != 'open_clip' and self.sync_check:     # declip: the trainer's step itself
+            train_step(self.model, [self.batch], self.opt, LR, precision=self.precision,
+                       logit_scale_clamp=METHODS[self.method].logit_scale_clamp, fwd=self.fwd)
+            return
+        # open_clip's train_one_epoch body; or (sync_check=False) the trainer's step without its per-step .item()
         with self.autocast(): loss = self.forward_loss()
         loss.backward()
-        if self.sync_check: finite = bool(torch.isfinite(loss).item())   # the trainer's non-finite skip
         self.opt.step(); self.opt.zero_grad(set_to_none=True)
         if self.method == 'open_clip':
             with torch.no_grad(): self.model.logit_scale.clamp_(0, math.log(100))
-        else: self.model.clamp_logit_scale()
+        else: clamp_logit_scale(self.model, METHODS[self.method].logit_scale_clamp)
 
     def fwd_bwd(self):
         with self.autocast(): loss = self.forward_loss()

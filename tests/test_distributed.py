@@ -154,7 +154,7 @@ def _initial_model(ck, seed):
 
 def _optimised_names(ck):
     "Parameter names in the order of the checkpoint's optimiser state (the trainer's two AdamW groups)."
-    from declip.train import param_groups
+    from declip.step import param_groups
     model = _initial_model(ck, seed=0)
     name_of = {id(p): n for n, p in model.named_parameters()}
     return [name_of[id(p)] for g in param_groups(model, 0.1) for p in g['params']]
