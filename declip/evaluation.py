@@ -11,18 +11,18 @@ import torch, torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from .datasets import ClassificationSet, RetrievalSet
-from .pipeline import parse_data_spec, open_eval_data
+from .pipeline import parse_data_spec, open_eval_data, EvalImages
 from .device import PRECISIONS, autocast
 from .models import METHODS
 
 # %% auto #0
 __all__ = ['IMAGENET_CLASSNAMES', 'TEMPLATES', 'DEFAULT_L2_GRID', 'PROBE_DATASETS', 'SCORINGS', 'load_templates', 'eval_mode',
-           'model_device', 'resolve_transform', 'resolve_tokenizer', 'encode_texts', 'extract_features',
-           'zero_shot_classifier', 'classification_metrics', 'confusion_matrix', 'zero_shot_eval', 'retrieval_metrics',
-           'retrieval_eval', 'filip_class_embeddings', 'filip_scores', 'filip_zero_shot_eval', 'recall_from_scores',
-           'filip_similarity', 'filip_retrieval_eval', 'fit_logistic_regression', 'stratified_split', 'linear_probe',
-           'linear_probe_eval', 'open_probe_dataset', 'linear_probe_torchvision', 'split_named_entry',
-           'parse_eval_data', 'open_eval_sets', 'zero_shot_scoring', 'evaluate_sets']
+           'model_device', 'image_batches', 'resolve_transform', 'resolve_tokenizer', 'encode_texts',
+           'extract_features', 'zero_shot_classifier', 'classification_metrics', 'confusion_matrix', 'zero_shot_eval',
+           'retrieval_metrics', 'retrieval_eval', 'filip_class_embeddings', 'filip_scores', 'filip_zero_shot_eval',
+           'recall_from_scores', 'filip_similarity', 'filip_retrieval_eval', 'fit_logistic_regression',
+           'stratified_split', 'linear_probe', 'linear_probe_eval', 'open_probe_dataset', 'linear_probe_torchvision',
+           'split_named_entry', 'parse_eval_data', 'open_eval_sets', 'zero_shot_scoring', 'evaluate_sets']
 
 # %% ../nbs/08_evaluation.ipynb #13200540
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES as _OPENAI_TEMPLATE_FNS
@@ -69,15 +69,10 @@ def model_device(model) -> torch.device:
     p = next(iter(model.parameters()), None) if hasattr(model, 'parameters') else None
     return p.device if p is not None else torch.device('cpu')
 
-class _Transformed(Dataset):
-    "Apply `transform` to the image of each sample; samples are `(image, label)` or a bare image (label -1)."
-    def __init__(self, dataset, transform): self.dataset, self.transform = dataset, transform
-    def __len__(self): return len(self.dataset)
-    def __getitem__(self, i):
-        sample = self.dataset[i]
-        image, label = sample if isinstance(sample, (tuple, list)) else (sample, -1)
-        if hasattr(image, 'mode') and image.mode != 'RGB': image = image.convert('RGB')   # e.g. grey-scale sets
-        return self.transform(image), int(label)
+def image_batches(dataset, transform, batch_size: int, workers: int = 0):
+    "Batches `(images, labels)` of `dataset`'s images through `transform` (`pipeline.EvalImages`); labels -1 for a set without."
+    for b in DataLoader(EvalImages(dataset, transform), batch_size=batch_size, shuffle=False, num_workers=workers):
+        yield (b, torch.full((len(b),), -1)) if torch.is_tensor(b) else b
 
 # %% ../nbs/08_evaluation.ipynb #4d9b085f
 def resolve_transform(model, transform):
@@ -109,10 +104,9 @@ def extract_features(model, dataset, transform: Callable | None = None, batch_si
                      normalize: bool = True, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     "Embed every image of `dataset` (samples `(PIL, label)` or bare PIL) -> (float32 [N, D], long [N]) on the CPU."
     device, transform = device or model_device(model), resolve_transform(model, transform)
-    loader = DataLoader(_Transformed(dataset, transform), batch_size=batch_size, shuffle=False, num_workers=workers)
     feats, labels = [], []
     with eval_mode(model):
-        for images, y in tqdm(loader, disable=not progress, desc='images'):
+        for images, y in tqdm(image_batches(dataset, transform, batch_size, workers), disable=not progress, desc='images'):
             emb = model.encode_image(images.to(device), normalize=normalize).float()
             feats.append((F.normalize(emb, dim=-1) if normalize else emb).cpu()); labels.append(y)
     if not feats: raise ValueError(f'extract_features: dataset {dataset!r} is empty')
@@ -254,10 +248,9 @@ def filip_zero_shot_eval(model, dataset, tokenizer=None, transform: Callable | N
                          'it needs a model trained with filip=True (presets filip, defilip)')
     device, transform = device or model_device(model), resolve_transform(model, transform)
     class_tokens, class_valid = filip_class_embeddings(model, dataset.classnames, templates, tokenizer, device, batch_size, padding, progress)
-    loader = DataLoader(_Transformed(dataset, transform), batch_size=batch_size, shuffle=False, num_workers=workers)
     logits, labels = [], []
     with eval_mode(model):
-        for images, y in tqdm(loader, disable=not progress, desc='images'):
+        for images, y in tqdm(image_batches(dataset, transform, batch_size, workers), disable=not progress, desc='images'):
             v = model.encode_image_dense(images.to(device)).float()
             logits.append(filip_scores(v, class_tokens, None if class_valid.all() else class_valid).cpu()); labels.append(y)
     if not logits: raise ValueError(f'filip_zero_shot_eval: dataset {dataset!r} is empty')
@@ -310,9 +303,9 @@ def filip_retrieval_eval(model, dataset, tokenizer=None, transform: Callable | N
     if not texts: raise ValueError(f'filip_retrieval_eval: {dataset!r} has no captions')
     device, transform, tokenizer = device or model_device(model), resolve_transform(model, transform), resolve_tokenizer(model, tokenizer)
     padding = getattr(model.cfg, 'filip_padding', True) if padding is None else padding
-    loader = DataLoader(_Transformed(dataset, transform), batch_size=batch_size, shuffle=False, num_workers=workers)
     with eval_mode(model):
-        v = torch.cat([model.encode_image_dense(x.to(device)).float().cpu() for x, _ in tqdm(loader, disable=not progress, desc='images')])
+        v = torch.cat([model.encode_image_dense(x.to(device)).float().cpu()
+                       for x, _ in tqdm(image_batches(dataset, transform, batch_size, workers), disable=not progress, desc='images')])
         ws, oks = [], []
         for i in range(0, len(texts), batch_size):
             w, ok = model.encode_text_dense(tokenizer(texts[i:i + batch_size]).to(device))

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from .models import DeCLIP, ModelConfig, ALIASES, RETIRED_FIELDS
 from .transforms import eval_transform
 from .datasets import ClassificationSet, RetrievalSet
-from .pipeline import parse_data_spec, open_eval_data, open_train_data
+from .pipeline import parse_data_spec, open_eval_data, open_train_data, EvalImages
 from .device import PRECISIONS, autocast
 from .evaluation import (SCORINGS, open_eval_sets, evaluate_sets, zero_shot_scoring,
                                filip_similarity, linear_probe_eval, encode_texts, load_templates, eval_mode, model_device,
@@ -323,21 +323,15 @@ def clip_benchmark_templates(templates: Sequence[str] | str) -> list[str]:
     "Our '{}' templates (or a built-in name) in clip_benchmark's '{c}' form."
     return [t.replace('{', '{{').replace('}', '}}').replace('{{}}', '{c}') for t in load_templates(templates)]
 
-class ClipBenchmarkClassification(Dataset):
-    "A `ClassificationSet` as clip_benchmark reads one: `(image tensor, label)` and `.classes`, `.templates`."
+class ClipBenchmarkClassification(EvalImages):
+    "A `ClassificationSet` as clip_benchmark reads one: `(image tensor, label)` (`pipeline.EvalImages`) and `.classes`, `.templates`."
     def __init__(self, dataset: ClassificationSet, transform: Callable):
-        self.dataset, self.transform = dataset, transform
+        super().__init__(dataset, transform)
         self.classes, self.templates = list(dataset.classnames), clip_benchmark_templates(dataset.templates)
-    def __len__(self): return len(self.dataset)
-    def __getitem__(self, i):
-        image, label = self.dataset[i]
-        return self.transform(image.convert('RGB')), int(label)
 
-class ClipBenchmarkRetrieval(Dataset):
+class ClipBenchmarkRetrieval(EvalImages):
     "A `RetrievalSet` as clip_benchmark reads one: `(image tensor, list of captions)`."
-    def __init__(self, dataset: RetrievalSet, transform: Callable): self.dataset, self.transform = dataset, transform
-    def __len__(self): return len(self.dataset)
-    def __getitem__(self, i): return self.transform(self.dataset[i].convert('RGB')), list(self.dataset.captions[i])
+    def __getitem__(self, i): return super().__getitem__(i), list(self.dataset.captions[i])
 
 def _collate_caption_lists(batch):
     return torch.stack([b[0] for b in batch]), [b[1] for b in batch]

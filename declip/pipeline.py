@@ -23,7 +23,7 @@ from .openclipart import OpenClipArt, openclipart_eval_sets
 __all__ = ['DATA_KINDS', 'DATA_SPEC_FORMS', 'DataSpec', 'parse_data_spec', 'ClassCaptionData', 'open_train_data',
            'open_eval_data', 'default_eval_data', 'Skipped', 'key_to_index', 'sample_seeds', 'shuffle_seed',
            'SamplePipeline', 'TrainData', 'TrainStream', 'collate', 'EpochSampler', 'TrainLoader', 'make_train_loader',
-           'make_eval_loader']
+           'EvalImages', 'make_eval_loader']
 
 # %% ../nbs/04_pipeline.ipynb #3f5abc12
 DATA_KINDS = ('synthetic', 'csv', 'tsv', 'jsonl', 'wds', 'imagefolder', 'openclipart')
@@ -325,20 +325,24 @@ def _check_int_arg(name, value, low):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
         raise ValueError(f'{name} must be an integer >= {low}, got {value!r}')
 
-def make_train_loader(spec: str | DataSpec, batch_size: int, image_views=('mocov2', 'mocov2'), image_size: int = 64,
+def make_train_loader(spec: str | DataSpec | Dataset | IterableDataset, batch_size: int, image_views=('mocov2', 'mocov2'), image_size: int = 64,
                       text_aug: bool = True, mlm: bool = True, context_length: int = 77, workers: int = 0, seed: int = 0,
                       epoch: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = True, start_batch: int = 0,
                       shuffle: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD, mlm_prob: float = 0.15,
                       pin_memory: bool | None = None, prefetch_factor: int | None = None, eda: EDA | None = None) -> TrainLoader:
-    "A train `DataLoader` over the source `spec`, yielding the batch dicts of `collate`; deterministic for any `workers`."
+    "A train `DataLoader` over the source `spec` (or a reader it opened), yielding the batch dicts of `collate`; deterministic for any `workers`."
     for name, v, low in (('batch_size', batch_size, 1), ('workers', workers, 0), ('seed', seed, 0), ('epoch', epoch, 0),
                          ('world_size', world_size, 1), ('start_batch', start_batch, 0)):
         _check_int_arg(name, v, low)
     if not 0 <= rank < world_size: raise ValueError(f'rank must be in [0, world_size={world_size}), got {rank!r}')
-    spec = parse_data_spec(spec)
-    defaults = dict(image_size=image_size) if spec.kind == 'synthetic' else \
-               dict(rank=rank, world_size=world_size, epoch=epoch, seed=seed) if spec.kind == 'wds' else {}
-    reader = open_train_data(spec, **defaults)
+    if isinstance(spec, (Dataset, IterableDataset)):    # already opened (the trainer opens its data once)
+        reader, name = spec, repr(spec)
+        if isinstance(reader, IterableDataset): reader.set_epoch(epoch)
+    else:
+        spec = parse_data_spec(spec)
+        defaults = dict(image_size=image_size) if spec.kind == 'synthetic' else \
+                   dict(rank=rank, world_size=world_size, epoch=epoch, seed=seed) if spec.kind == 'wds' else {}
+        reader, name = open_train_data(spec, **defaults), spec.spec
     pipeline = SamplePipeline(image_views, image_size, text_aug, mlm, context_length, seed, mean, std, mlm_prob, eda)
     loader_args = dict(batch_size=batch_size, drop_last=drop_last, num_workers=workers, collate_fn=collate,
                        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
@@ -352,22 +356,24 @@ def make_train_loader(spec: str | DataSpec, batch_size: int, image_views=('mocov
     per_rank = len(reader) // world_size
     n_batches = per_rank // batch_size if drop_last else math.ceil(per_rank / batch_size)
     if n_batches == 0:
-        raise ValueError(f'data spec {spec.spec!r}: {per_rank} samples per rank give no batch of batch_size={batch_size}')
+        raise ValueError(f'data spec {name!r}: {per_rank} samples per rank give no batch of batch_size={batch_size}')
     if start_batch > n_batches: raise ValueError(f'start_batch={start_batch} is past the end of the epoch ({n_batches} batches)')
     return TrainLoader(TrainData(reader, pipeline, epoch), sampler=sampler, persistent_workers=workers > 0, **loader_args)
 
 # %% ../nbs/04_pipeline.ipynb #9d0dd02a
-class _EvalImages(Dataset):
+class EvalImages(Dataset):
+    "An evaluation set's images through `transform` (as RGB): `(image, int label)` for labelled samples, else the image."
     def __init__(self, dataset, transform): self.dataset, self.transform = dataset, transform
     def __len__(self): return len(self.dataset)
     def __getitem__(self, i):
         item = self.dataset[i]
-        if isinstance(item, tuple): return self.transform(item[0]), item[1]
-        return self.transform(item)
+        image, label = item if isinstance(item, (tuple, list)) else (item, None)
+        if hasattr(image, 'mode') and image.mode != 'RGB': image = image.convert('RGB')   # e.g. grey-scale sets
+        return self.transform(image) if label is None else (self.transform(image), int(label))
 
 def make_eval_loader(dataset: ClassificationSet | RetrievalSet, image_size: int, batch_size: int = 256, workers: int = 0,
                      mean=IMAGENET_MEAN, std=IMAGENET_STD, pin_memory: bool | None = None) -> DataLoader:
     "Batches of ONECROP images (and labels, for a ClassificationSet), in dataset order."
     _check_int_arg('batch_size', batch_size, 1); _check_int_arg('workers', workers, 0)
-    return DataLoader(_EvalImages(dataset, eval_transform(image_size, mean, std)), batch_size=batch_size, shuffle=False,
+    return DataLoader(EvalImages(dataset, eval_transform(image_size, mean, std)), batch_size=batch_size, shuffle=False,
                       num_workers=workers, pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory)

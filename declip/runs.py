@@ -7,7 +7,7 @@ __all__ = ['atomic_save', 'load_checkpoint_file', 'Checkpointer', 'MetricsLog', 
            'environment_info', 'device_description', 'provenance_facts', 'provenance_markdown', 'provenance',
            'markdown_table']
 
-# %% ../nbs/06a_runs.ipynb #217ae667
+# %% ../nbs/06a_runs.ipynb #5d8be2b6
 import json, os, platform, subprocess, time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from .device import world_info, rng_state, set_rng_state
 
-# %% ../nbs/06a_runs.ipynb #8a42d995
+# %% ../nbs/06a_runs.ipynb #e521eb52
 def atomic_save(obj, path):
     "torch.save to a temporary file in the same folder, fsync, then rename over `path`."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
@@ -31,7 +31,7 @@ def load_checkpoint_file(path, map_location='cpu'):
     if not path.exists(): raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     return torch.load(path, map_location=map_location, weights_only=True)
 
-# %% ../nbs/06a_runs.ipynb #730df057
+# %% ../nbs/06a_runs.ipynb #160794f6
 class Checkpointer:
     "A run's checkpoints: atomic step files, `last.pt` / `best.pt` hard links, rotation, resume; the one place that knows their layout."
     def __init__(self, run_dir, keep: int = 2, enabled: bool = True):
@@ -74,7 +74,7 @@ class Checkpointer:
         set_rng_state(ck['rng'], device)
         return ck
 
-# %% ../nbs/06a_runs.ipynb #10340fcb
+# %% ../nbs/06a_runs.ipynb #c1560f27
 class MetricsLog:
     "A run's metrics.jsonl: one JSON record a line, flushed as written; only rank 0 writes."
     def __init__(self, run_dir, enabled: bool = True):
@@ -97,11 +97,11 @@ class MetricsLog:
     def close(self):
         if self._f: self._f.close(); self._f = None
 
-# %% ../nbs/06a_runs.ipynb #145229e7
+# %% ../nbs/06a_runs.ipynb #1e53f428
 def read_metrics(output_dir):
     "The records of a run's metrics.jsonl as (train, eval) pandas DataFrames."
     import pandas as pd
-    recs = [json.loads(l) for l in open(Path(output_dir) / 'metrics.jsonl') if l.strip()]
+    recs = [json.loads(l) for l in (Path(output_dir) / 'metrics.jsonl').read_text().splitlines() if l.strip()]
     tr = pd.DataFrame([r for r in recs if r.get('type') == 'train'])
     ev = pd.DataFrame([r for r in recs if r.get('type') == 'eval'])
     return tr, ev
@@ -134,7 +134,7 @@ def _tensorboard(output_dir, tr, ev):
                 if k not in ('step', 'type', 'epoch') and isinstance(v, (int, float)) and not isinstance(v, bool): w.add_scalar(k, v, int(r['step']))
     w.close()
 
-# %% ../nbs/06a_runs.ipynb #5e3bc7ef
+# %% ../nbs/06a_runs.ipynb #bf5700c6
 def git_commit():
     "The git commit of the working tree ('+dirty' when its source, i.e. anything outside reports/, has uncommitted changes), or None."
     try:
@@ -166,7 +166,7 @@ def device_description():
     if torch.cuda.is_available(): s += f"; {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
     return s
 
-# %% ../nbs/06a_runs.ipynb #768e6bf2
+# %% ../nbs/06a_runs.ipynb #ea812079
 def provenance_facts(params: dict, started: float | None = None, command: str | None = None, commit: str | None = None,
                      runs=None) -> dict:
     "Command, git commit (`commit`: taken at the start), dates, device, versions, wall time, parameters, and the `runs` (a `run_grid` table)."
@@ -201,7 +201,7 @@ def provenance(params: dict, started: float, command: str | None = None, commit:
     "Markdown provenance of a report: `provenance_markdown(provenance_facts(...))`."
     return provenance_markdown(provenance_facts(params, started, command, commit, runs))
 
-# %% ../nbs/06a_runs.ipynb #93ae9d0a
+# %% ../nbs/06a_runs.ipynb #820430a1
 def markdown_table(df, digits: int = 3, formats: dict | None = None) -> str:
     "A DataFrame (index as the first column) as a GitHub-flavoured markdown table; `formats`: {column: format string}."
     formats = formats or {}

@@ -26,7 +26,7 @@ from .runs import Checkpointer, MetricsLog, environment_info, plot_run, git_comm
 from .evaluation import parse_eval_data, open_eval_sets, evaluate_sets, zero_shot_scoring
 from .step import lr_at, make_optimizer, train_step
 
-# %% ../nbs/09_train.ipynb #de7f21a5
+# %% ../nbs/09_train.ipynb #62ffa185
 def _check_params(p: dict):
     "Refuse a bad parameter before any work, naming it and the accepted values."
     for name, known in (('method', METHODS), ('image_encoder', IMAGE_ENCODERS), ('text_encoder', TEXT_ENCODERS)):
@@ -45,7 +45,7 @@ def _check_switches(switches: dict) -> dict:
     if unknown: raise TypeError(f"train() got unknown parameter(s) {unknown}; model switches are {sorted(SWITCHES)}")
     return {k: v for k, v in canonical_switches(switches).items() if v is not None}
 
-# %% ../nbs/09_train.ipynb #5575fe1b
+# %% ../nbs/09_train.ipynb #0884016f
 @dataclass
 class RunConfig:
     "A run after every check: parameters, model config, recipe, output and resume point, the data opened once."
@@ -79,7 +79,7 @@ def _resolve_output(p: dict) -> Path | None:
         raise FileExistsError(f"output_dir={str(out)!r} holds another run; pass resume=True to continue it, or choose another output_dir")
     return resume_path
 
-# %% ../nbs/09_train.ipynb #b3d27a13
+# %% ../nbs/09_train.ipynb #7fe33247
 def _open_train_data(p: dict, image_size: int):
     "(reader, number of samples or None) of the training data; a global batch larger than the data is refused."
     spec = parse_data_spec(p['train_data'])
@@ -87,7 +87,7 @@ def _open_train_data(p: dict, image_size: int):
     defaults = dict(image_size=image_size) if spec.kind == 'synthetic' else \
                dict(rank=rank, world_size=world, epoch=0, seed=p['seed']) if spec.kind == 'wds' else {}
     reader = open_train_data(spec, **defaults)                 # a spec that points nowhere fails here
-    n = len(reader) if hasattr(reader, '__len__') else None
+    n = getattr(reader, 'num_samples', None) if spec.kind == 'wds' else len(reader)   # a stream: all ranks' samples
     if n is not None and p['batch_size'] * world > n:
         raise ValueError(f"batch_size={p['batch_size']} x {world} process(es) is larger than the training set ({n} samples) of {p['train_data']!r}")
     return reader, n
@@ -109,7 +109,7 @@ def resolve_run(params: dict, switches: dict) -> RunConfig:
     all_switches = {k: None for k in SWITCHES} | canonical_switches(switches)
     return RunConfig(dict(params, **all_switches), mcfg, recipe, Path(params['output_dir']), resume_path, reader, n, eval_sets)
 
-# %% ../nbs/09_train.ipynb #e39c1473
+# %% ../nbs/09_train.ipynb #93b8654f
 class TrainingError(RuntimeError):
     "A run stopped for a reason the user must act on (e.g. repeated non-finite losses)."
 
@@ -138,7 +138,7 @@ class TrainState:
 
     def next_epoch(self): self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
-# %% ../nbs/09_train.ipynb #105f6f02
+# %% ../nbs/09_train.ipynb #4ec81e6f
 @patch
 def record_loss(self: TrainState, finite: bool, max_nonfinite: int, last_checkpoint):
     "Count a non-finite loss; `max_nonfinite` in a row raise `TrainingError`."
@@ -155,7 +155,7 @@ def record_score(self: TrainState, score: float) -> bool:
     self.best = dict(score=score, step=self.step)
     return True
 
-# %% ../nbs/09_train.ipynb #9aca6b1c
+# %% ../nbs/09_train.ipynb #3a534299
 @dataclass
 class Setup:
     "What a process trains with: device, rank and world size, the model (and its DDP / compiled wrappers), optimiser, scaler, schedule."
@@ -181,7 +181,7 @@ def _schedule(run: RunConfig, world: int) -> dict:
     warmup = run.warmup_steps if run.warmup_steps is not None else min(run.recipe['warmup_steps'], max(1, total // 20))
     return dict(total_steps=total, warmup_steps=warmup, steps_per_epoch=per_epoch)
 
-# %% ../nbs/09_train.ipynb #23880bb9
+# %% ../nbs/09_train.ipynb #67089909
 def setup_run(run: RunConfig, state: TrainState, ckpt: Checkpointer) -> Setup:
     "Process group, seed, model / optimiser / scaler on the device, the schedule; a checkpoint restored into them and `state`."
     rank, world, _, dev = setup_distributed(run.device)
@@ -219,7 +219,7 @@ def start_run(run: RunConfig, s: Setup, log: MetricsLog, state: TrainState) -> d
     s.fwd = torch.compile(s.ddp) if run.compile else s.ddp
     return cfg
 
-# %% ../nbs/09_train.ipynb #cbc3e6f1
+# %% ../nbs/09_train.ipynb #6b6f61f6
 @dataclass
 class Meter:
     "Speed bookkeeping of this process: samples seen, time waiting for data, when and at which step it last logged."
@@ -243,19 +243,19 @@ def micro_batches(loader, state: TrainState, s: Setup, meter: Meter):
             yield to_device(batch, s.device)
         t = time.time()
 
-# %% ../nbs/09_train.ipynb #d03b34de
+# %% ../nbs/09_train.ipynb #4141682c
 def epoch_loader(run: RunConfig, s: Setup, state: TrainState, loader=None):
     "The train loader at `state`'s epoch and batch: built the first time, moved to the epoch afterwards."
     if loader is not None:
         loader.set_epoch(state.epoch, start_batch=state.batch_in_epoch); return loader
     req = unwrap(s.model).data_requirements()
-    return make_train_loader(run.train_data, batch_size=run.batch_size, image_views=req['image_views'],
+    return make_train_loader(run.train_reader, batch_size=run.batch_size, image_views=req['image_views'],
                              image_size=unwrap(s.model).image_size, text_aug=req['text_aug'], mlm=req['mlm'],
                              mlm_prob=req['mlm_prob'], context_length=run.context_length, workers=run.workers,
                              seed=run.seed, epoch=state.epoch, rank=s.rank, world_size=s.world,
                              start_batch=state.batch_in_epoch, pin_memory=s.device.type == 'cuda')
 
-# %% ../nbs/09_train.ipynb #b1d5dd58
+# %% ../nbs/09_train.ipynb #6943c687
 def train_record(run: RunConfig, s: Setup, state: TrainState, out: dict, meter: Meter) -> dict:
     "The `metrics.jsonl` record of a step (a collective: every rank calls it)."
     now = time.time()
@@ -278,7 +278,7 @@ def evaluate_run(run: RunConfig, s: Setup, state: TrainState, log: MetricsLog) -
     log.write(dict(type='eval', step=state.step, epoch=state.epoch, **{f"{k}/{m}": v for k, d in res.items() for m, v in d.items()}))
     return res, state.record_score(primary_score(res))
 
-# %% ../nbs/09_train.ipynb #32eb19af
+# %% ../nbs/09_train.ipynb #cfe6a446
 def after_step(run, s, state, finite, out, meter, log, ckpt, cfg, stop, bar) -> bool:
     "The bookkeeping after an optimiser step (see above); True when the run has all its steps."
     state.record_loss(finite, run.max_nonfinite, ckpt.last)
@@ -296,7 +296,7 @@ def after_step(run, s, state, finite, out, meter, log, ckpt, cfg, stop, bar) -> 
 
 def _save(ckpt, s, state, cfg, best=False): ckpt.save(state, s.model, s.opt, s.scaler, cfg, s.device, best=best)
 
-# %% ../nbs/09_train.ipynb #f331e3e2
+# %% ../nbs/09_train.ipynb #7248ffcc
 def train_epochs(run, s, state, meter, log, ckpt, cfg, stop, bar, _stop_after=None) -> bool:
     "Run epochs of optimiser steps from `state` until the last step (see above)."
     loader, sch, r = None, s.schedule, run.recipe
@@ -316,7 +316,7 @@ def train_epochs(run, s, state, meter, log, ckpt, cfg, stop, bar, _stop_after=No
         if not run.save_every: _save(ckpt, s, state, cfg)
     return True
 
-# %% ../nbs/09_train.ipynb #d69016e4
+# %% ../nbs/09_train.ipynb #fd476af7
 def finish_run(run, s, state, meter, log, ckpt, cfg) -> dict:
     "Evaluate, save the last checkpoint, write summary.json and curves.png (rank 0); return the summary."
     res, improved = evaluate_run(run, s, state, log)
@@ -332,7 +332,7 @@ def finish_run(run, s, state, meter, log, ckpt, cfg) -> dict:
         except Exception as e: warnings.warn(f"plotting failed: {e}")
     return summary
 
-# %% ../nbs/09_train.ipynb #5d7ad3ad
+# %% ../nbs/09_train.ipynb #9e1f63ed
 @contextmanager
 def sigterm_flag():
     "Within the block, SIGTERM sets `flag['signal']` instead of killing the process."
