@@ -214,7 +214,8 @@ def saving_factor(df:pd.DataFrame, metric:str, base='CLIP', other='DeCLIP', meth
 REPORTS = {
     'ablations':         dict(notebook='nbs/ablations.ipynb', parameters={}, output_param='output', jobs=True),
     'data-efficiency':   dict(notebook='nbs/data_efficiency.ipynb', parameters={}, output_param='output', jobs=True),
-    'train-declip-32ep': dict(notebook='nbs/train.ipynb', parameters=dict(epochs=32, eval_every=248), output_param='output_dir'),
+    'train-declip-32ep': dict(notebook='nbs/train.ipynb', parameters=dict(epochs=32), output_param='output_dir'),
+    'train-clip-32ep':   dict(notebook='nbs/train.ipynb', parameters=dict(epochs=32, method='clip'), output_param='output_dir'),
     'performance':       dict(script='benchmarks/step.py', smoke_args=['--quick'], report='performance'),
 }
 "Report name -> the notebook (papermill) or script that writes it, and its parameters."

@@ -13,10 +13,11 @@ from torch.utils.data import Dataset
 from .datasets import ClassificationSet, RetrievalSet
 
 # %% auto #0
-__all__ = ['COLOURS', 'SHAPES', 'SIZES', 'PATTERNS', 'BACKGROUNDS', 'DISTRACTOR_PREFIXES', 'DISTRACTOR_SUFFIXES', 'SHAPE_NAMES',
-           'COLOUR_NAMES', 'HELDOUT_PAIRS', 'COMPARISON_PAIRS', 'TRAIN_PAIRS', 'PROMPT_TEMPLATES', 'SHAPE_POLYGONS',
-           'SPLITS', 'Colour', 'SceneObject', 'Scene', 'sample_scene', 'render_scene', 'caption_scene',
-           'caption_mentions', 'SyntheticImageText', 'heldout_phrases', 'SceneLoader', 'synthetic_eval_sets']
+__all__ = ['COLOURS', 'SHAPES', 'SIZES', 'PATTERN_P', 'N_OBJECTS_P', 'MAX_ROTATION', 'PATTERNS', 'BACKGROUNDS',
+           'DISTRACTOR_PREFIXES', 'DISTRACTOR_SUFFIXES', 'SHAPE_NAMES', 'COLOUR_NAMES', 'HELDOUT_PAIRS',
+           'COMPARISON_PAIRS', 'TRAIN_PAIRS', 'PROMPT_TEMPLATES', 'SHAPE_POLYGONS', 'SPLITS', 'Colour', 'SceneObject',
+           'Scene', 'sample_scene', 'render_scene', 'caption_scene', 'caption_mentions', 'SyntheticImageText',
+           'heldout_phrases', 'SceneLoader', 'synthetic_eval_sets']
 
 # %% ../nbs/03_synthetic.ipynb #c08bfa4e
 class Colour(NamedTuple):
@@ -53,10 +54,13 @@ SHAPES: dict[str, tuple[str, ...]] = {   # class name -> caption words (class na
     'arrow':    ('arrow', 'pointer'),
 }
 SIZES: dict[str, tuple[tuple[float, float], tuple[str, ...]]] = {   # radius range as a fraction of the image side, words
-    'small':  ((0.09, 0.12), ('small', 'tiny', 'little')),
-    'medium': ((0.14, 0.18), ('medium', 'medium-sized', 'mid-sized')),
-    'large':  ((0.20, 0.26), ('large', 'big', 'huge')),
+    'small':  ((0.117, 0.156), ('small', 'tiny', 'little')),
+    'medium': ((0.182, 0.234), ('medium', 'medium-sized', 'mid-sized')),
+    'large':  ((0.260, 0.338), ('large', 'big', 'huge')),
 }
+PATTERN_P = dict(solid=0.6, outline=0.1, striped=0.1, dotted=0.1, checkered=0.1)   # fill patterns: mostly solid
+N_OBJECTS_P = (0.6, 0.3, 0.1)           # probability of one, two, three objects in a training picture
+MAX_ROTATION = math.radians(15)         # objects stand upright within +-15 degrees
 PATTERNS: dict[str, tuple[str, ...]] = {
     'solid':     ('solid', 'filled'),
     'outline':   ('outlined', 'hollow'),
@@ -144,10 +148,14 @@ def _background_colour(rng, object_rgbs, min_dist=95.0) -> tuple[int, int, int]:
         if d > best_d: best, best_d = c, d
     return best
 
+def _weighted(rng, weights) -> int:
+    "An index drawn with probability proportional to `weights`."
+    return min(int(np.searchsorted(np.cumsum(weights), rng.random() * sum(weights), side='right')), len(weights) - 1)
+
 def sample_scene(rng: np.random.Generator, n_objects: int | None = None, pairs=TRAIN_PAIRS,
                  sizes=_SIZE_ORDER, margin: float = 0.0) -> Scene:
-    "Sample a scene of `n_objects` (1..3 uniform if None) objects drawn from colour-shape `pairs`, kept `margin` from the border."
-    n = int(rng.integers(1, 4)) if n_objects is None else n_objects
+    "Sample a scene of `n_objects` (drawn from `N_OBJECTS_P` if None) objects of colour-shape `pairs`, kept `margin` from the border."
+    n = 1 + _weighted(rng, N_OBJECTS_P) if n_objects is None else n_objects
     if not 1 <= n <= 3: raise ValueError(f'sample_scene: n_objects must be 1, 2 or 3, got {n_objects}')
     if len(pairs) < n: raise ValueError(f'sample_scene: {n} distinct objects need at least {n} pairs, got {len(pairs)}')
     chosen = []
@@ -171,8 +179,9 @@ def sample_scene(rng: np.random.Generator, n_objects: int | None = None, pairs=T
             break
         placed.append((x, y, r))
         rgb = tuple(min(255, max(0, b + int(j))) for b, j in zip(COLOURS[colour].rgb, rng.integers(-12, 13, 3)))
-        objects.append(SceneObject(shape, colour, size, _pick(rng, tuple(PATTERNS)), x, y, r,
-                                   2 * math.pi * rng.random(), rgb, 0.35 + 0.25 * rng.random(), math.pi * rng.random()))
+        pattern = tuple(PATTERN_P)[_weighted(rng, tuple(PATTERN_P.values()))]
+        objects.append(SceneObject(shape, colour, size, pattern, x, y, r, MAX_ROTATION * (2 * rng.random() - 1),
+                                   rgb, 0.35 + 0.25 * rng.random(), math.pi * rng.random()))
     obj_rgbs = [o.rgb for o in objects]
     background = _pick(rng, tuple(BACKGROUNDS))
     c1, c2 = _background_colour(rng, obj_rgbs), _background_colour(rng, obj_rgbs)
@@ -376,7 +385,7 @@ def _check_int(name, value, low, owner):
 
 class SyntheticImageText(Dataset):
     "Procedural image-caption pairs, a pure function of `(seed, split, index)`; needs no files."
-    def __init__(self, size=2000, seed=0, image_size=64, mismatch=0.0, split='train'):
+    def __init__(self, size=4000, seed=0, image_size=64, mismatch=0.0, split='train'):
         _check_int('size', size, 1, 'SyntheticImageText'); _check_int('seed', seed, 0, 'SyntheticImageText')
         _check_int('image_size', image_size, 16, 'SyntheticImageText')
         if not 0.0 <= float(mismatch) <= 1.0: raise ValueError(f'SyntheticImageText: mismatch must be in [0, 1], got {mismatch!r}')

@@ -19,7 +19,7 @@ from fastcore.script import bool_arg, Param
 from fastcore.docments import docments
 from .models import DeCLIP, ModelConfig, METHODS, SWITCHES, ALIASES, canonical_switches, model_config
 from .encoders import IMAGE_ENCODERS, TEXT_ENCODERS
-from .pipeline import parse_data_spec, open_train_data, make_train_loader
+from .pipeline import parse_data_spec, open_train_data, make_train_loader, default_eval_data
 from .device import (PRECISIONS, setup_distributed, seed_all, to_device, equal_batches, unwrap,
                            sum_counts_over_ranks, mean_over_ranks, threading_main, peak_memory_mb)
 from .runs import Checkpointer, MetricsLog, environment_info, plot_run, git_commit, read_metrics, load_checkpoint_file
@@ -101,6 +101,7 @@ def resolve_run(params: dict, switches: dict) -> RunConfig:
                         **({'image_size': params['image_size']} if params['image_size'] else {}), **given)
     recipe = _resolve_recipe(params)
     parse_data_spec(params['train_data'])
+    if params['eval_data'] is None: params = dict(params, eval_data=default_eval_data(params['train_data']))
     evals = parse_eval_data(params['eval_data'])
     resume_path = _resolve_output(params)
     image_size = mcfg.image_size or IMAGE_ENCODERS[mcfg.image_encoder]['image_size']
@@ -352,7 +353,7 @@ def _progress(total, initial, enabled):
 def train(
     method:str='declip',            # clip, declip, slip, filip, defilip (models.METHODS)
     train_data:str='synthetic',     # data spec: synthetic[:k=v,...], csv:PATH, tsv:PATH, jsonl:PATH[:ROOT], wds:PATTERN
-    eval_data:str='synthetic',      # eval sets: '[name=]spec[@templates] ...' (synthetic = shape, colour, composition, retrieval)
+    eval_data:str=None,             # eval sets '[name=]spec[@templates] ...'; None = the training data's own (synthetic tasks; openclipart's val split; none for other data); '' = none
     image_encoder:str='vit-tiny',   # vit-tiny, resnet-tiny, vit-b32, rn50
     text_encoder:str='text-tiny',   # text-tiny, text-base
     image_size:int=None,            # None = the image encoder's size
