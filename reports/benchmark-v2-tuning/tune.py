@@ -5,9 +5,12 @@ import torch
 import declip.synthetic as S
 
 V = json.loads(sys.argv[1])            # variant: rot (deg or null), size_scale, nprob [p1,p2,p3], method, steps, size, out
-rot = None; scale = 1.0; nprob = None
-if 'nprob' in V: S.N_OBJECTS_P = tuple(V['nprob'])
-if 'pattern_p' in V: S.PATTERN_P = V['pattern_p']
+rot = V.get('rot'); scale = V.get('size_scale', 1.0); nprob = V.get('nprob')   # runs e1-e3, r1-r9 (module v1, commit 03c4aa3)
+# Runs r16 and r17 ran on the v2 module (commit dd47986 has the same scenes), whose scenes already carry the v2 sizes,
+# rotation and counts; for them the line above read:
+#   rot = None; scale = 1.0; nprob = None
+#   if 'nprob' in V: S.N_OBJECTS_P = tuple(V['nprob'])
+#   if 'pattern_p' in V: S.PATTERN_P = V['pattern_p']
 orig_sizes = dict(S.SIZES)
 S.SIZES.update({k: ((lo * scale, hi * scale), w) for k, ((lo, hi), w) in orig_sizes.items()})
 if 'patterns' in V: S.PATTERNS = {k: S.PATTERNS[k] for k in V['patterns']}
