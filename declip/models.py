@@ -14,7 +14,7 @@ from fastcore.basics import patch
 from dataclasses import dataclass, field, asdict, fields
 import torch, torch.nn as nn, torch.nn.functional as F
 from .text import VOCAB_SIZE, get_tokenizer
-from .transforms import VIEW_KINDS
+from .transforms import VIEW_KINDS, MOCOV2_KINDS
 from .encoders import ImageEncoder, TextEncoder, IMAGE_ENCODERS, TEXT_ENCODERS
 from .losses import (clip_loss, SimSiamHead, simsiam_loss, mlm_loss, SimCLRHead, nt_xent_loss,
                            filip_loss, NNQueue, nn_loss)
@@ -136,7 +136,7 @@ def parse_image_views(image_views) -> tuple:
 def _check_views(cfg, explicit: bool):
     "Enough image views for the switches: refuse explicit views that are too few; widen a method's own with a warning."
     need = 2 if (cfg.multi_view or cfg.image_ssl) else 1
-    if cfg.simclr and sum(v == 'mocov2' for v in cfg.image_views) < 2: raise ValueError("simclr needs two 'mocov2' image_views")
+    if cfg.simclr and sum(v in MOCOV2_KINDS for v in cfg.image_views) < 2: raise ValueError(f"simclr needs two image_views of {MOCOV2_KINDS}")
     if len(cfg.image_views) >= need: return
     on = [s for s in ('multi_view', 'image_ssl') if getattr(cfg, s)]
     if explicit: raise ValueError(f"image_views={cfg.image_views!r} gives {len(cfg.image_views)} view(s), but {on} need 2, e.g. 'mocov2,mocov2'")

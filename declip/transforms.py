@@ -11,13 +11,12 @@ from torchvision.transforms import InterpolationMode
 from PIL import Image, ImageFilter
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'VIEW_KINDS', 'random_resized_crop_params', 'MoCoV2View', 'StandardView',
-           'OneCropView', 'view_transform', 'eval_transform']
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'VIEW_KINDS', 'MOCOV2_KINDS', 'random_resized_crop_params', 'MoCoV2View',
+           'StandardView', 'OneCropView', 'view_transform', 'eval_transform']
 
 # %% ../nbs/01_transforms.ipynb #d26e60f5
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-VIEW_KINDS = ('mocov2', 'standard', 'onecrop', 'mocov2_nocolour', 'mocov2_noblur')
 
 # %% ../nbs/01_transforms.ipynb #f3fa92ec
 def _uniform(generator: torch.Generator, low: float, high: float) -> float:
@@ -133,6 +132,8 @@ _VIEWS = {   # kind -> (recipe, options): MOCOV2 with one family of operations o
     'mocov2_nocolour': (MoCoV2View, dict(p_jitter=0.0, p_grayscale=0.0)),
     'mocov2_noblur': (MoCoV2View, dict(p_blur=0.0)),
 }
+VIEW_KINDS = tuple(_VIEWS)                                           # the names the rest of the library accepts
+MOCOV2_KINDS = tuple(k for k, (cls, _) in _VIEWS.items() if cls is MoCoV2View)   # augmented two-view kinds
 
 def view_transform(kind: str, image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     "The view recipe `kind` (one of `VIEW_KINDS`) at `image_size`: callable(PIL image, generator) -> [3, S, S]."
