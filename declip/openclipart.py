@@ -183,7 +183,7 @@ def fit_within(image: Image.Image, max_side: int) -> Image.Image:
 
 # %% ../nbs/03a_openclipart.ipynb #a779ad1f
 @contextlib.contextmanager
-def _pixel_limit(max_pixels: int):
+def _pixel_limit():
     old = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None                      # checked by the caller against max_pixels, without PIL's warnings
     try: yield
@@ -192,7 +192,7 @@ def _pixel_limit(max_pixels: int):
 def decode_picture(path, max_side: int, max_pixels: int = 200_000_000) -> tuple[Image.Image, Image.Image]:
     "(RGB picture on white fitted to `max_side`, RGB 64 px version for hashing) of a PNG; raises `BadSample` when unusable."
     try:
-        with _pixel_limit(max_pixels), Image.open(path) as im:
+        with _pixel_limit(), Image.open(path) as im:
             if im.width * im.height > max_pixels: raise BadSample('too_large', f'{path}: {im.width}x{im.height} px')
             rgba = im.convert('RGBA')
     except FileNotFoundError: raise BadSample('missing_file', str(path)) from None
@@ -473,22 +473,28 @@ def write_fake_openclipart(root, n_per_class: int = 8, seed: int = 0) -> Path:
     return root
 
 # %% ../nbs/03a_openclipart.ipynb #b5b4ece2
+def _image_path(folder: Path, record: dict) -> str: return str(folder / 'images' / f"{record['id']}.png")
+
 class OpenClipArt(Dataset):
     "One split of Open Clip Art as `(PIL.Image RGB on white, caption)`; prepares the cache on first use; raises `BadSample`."
     def __init__(self, root=None, split: str = 'train', cache=None, max_side: int = 128, progress: bool = True, reject_cjk: bool = False):
         if split not in SPLITS: raise ValueError(f'split={split!r}: expected one of {SPLITS}')
         self.dir, index = load_openclipart_index(root, cache, max_side, progress)
         self.records = [r for r in index if r['split'] == split]
-        self.captions = [openclipart_caption(r['meta'], r['stem']) for r in self.records]
+        self.captions = [self._clean(r, reject_cjk) for r in self.records]   # once here, not per fetch in the workers
         self.split, self.reject_cjk = split, reject_cjk
         self.source = f'openclipart:{split} ({len(self.records)} pictures, cache {self.dir})'
     def __len__(self): return len(self.records)
-    def image_path(self, i: int) -> str: return str(self.dir / 'images' / f"{self.records[i]['id']}.png")
+    @staticmethod
+    def _clean(r: dict, reject_cjk: bool) -> str | BadSample:
+        "The cleaned caption of record `r`, or the `BadSample` that fetching it must raise."
+        try: return clean_caption(openclipart_caption(r['meta'], r['stem']), reject_cjk)
+        except BadSample as e: return BadSample(e.reason, r['paths'][0])
+    def image_path(self, i: int) -> str: return _image_path(self.dir, self.records[i])
     def __getitem__(self, i):
-        r = self.records[i]
+        r, caption = self.records[i], self.captions[i]
         if r['status'] != 'ok': raise BadSample(r['status'], r['paths'][0])
-        try: caption = clean_caption(self.captions[i], self.reject_cjk)
-        except BadSample as e: raise BadSample(e.reason, r['paths'][0]) from None
+        if isinstance(caption, BadSample): raise caption
         return load_image(self.image_path(i)), caption
     def __repr__(self): return self.source
 
@@ -516,8 +522,6 @@ def _labelled(index: list[dict], classes: dict) -> list[tuple[dict, int]]:
             seen.add(r['group']); out.append((r, c))
     return out
 
-def _image_path(folder: Path, record: dict) -> str: return str(folder / 'images' / f"{record['id']}.png")
-
 def _objects_set(folder: Path, index: list[dict], split: str, classes: dict) -> ClassificationSet:
     labelled = _labelled(index, classes)
     present = sorted({c for _, c in labelled})                       # classes the package has at all, the same for every split
@@ -531,8 +535,9 @@ def _retrieval_set(folder: Path, index: list[dict], split: str) -> RetrievalSet:
     for r in index:
         if r['status'] != 'ok' or r['split'] != split or r['group'] in groups: continue
         groups.add(r['group'])
-        caption = openclipart_caption(r['meta'], r['stem'])
-        if caption and caption not in captions: captions.add(caption); pairs.append((_image_path(folder, r), caption))
+        try: caption = clean_caption(openclipart_caption(r['meta'], r['stem']))   # the training captions' cleaning
+        except BadSample: continue
+        if caption not in captions: captions.add(caption); pairs.append((_image_path(folder, r), caption))
     return RetrievalSet([p for p, _ in pairs], [[c] for _, c in pairs], source=f'openclipart:{split} retrieval ({len(pairs)} pictures)')
 
 def openclipart_eval_sets(root=None, split: str = 'val', task: str = 'all', cache=None, max_side: int = 128,

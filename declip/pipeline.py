@@ -22,8 +22,8 @@ from .openclipart import OpenClipArt, openclipart_eval_sets
 # %% auto #0
 __all__ = ['DATA_KINDS', 'DATA_SPEC_FORMS', 'DataSpec', 'parse_data_spec', 'ClassCaptionData', 'open_train_data',
            'open_eval_data', 'default_eval_data', 'Skipped', 'key_to_index', 'sample_seeds', 'shuffle_seed',
-           'SamplePipeline', 'TrainData', 'TrainStream', 'collate', 'EpochSampler', 'TrainLoader', 'make_train_loader',
-           'EvalImages', 'make_eval_loader']
+           'SamplePipeline', 'TrainData', 'TrainStream', 'collate', 'EpochSampler', 'TrainLoader', 'reader_defaults',
+           'make_train_loader', 'EvalImages', 'make_eval_loader']
 
 # %% ../nbs/04_pipeline.ipynb #3f5abc12
 DATA_KINDS = ('synthetic', 'csv', 'tsv', 'jsonl', 'wds', 'imagefolder', 'openclipart')
@@ -325,6 +325,12 @@ def _check_int_arg(name, value, low):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
         raise ValueError(f'{name} must be an integer >= {low}, got {value!r}')
 
+def reader_defaults(spec, image_size: int, rank: int = 0, world_size: int = 1, epoch: int = 0, seed: int = 0) -> dict:
+    "What a training reader takes from the run: the image size of synthetic data, the shard split and seed of wds."
+    kind = parse_data_spec(spec).kind
+    if kind == 'synthetic': return dict(image_size=image_size)
+    return dict(rank=rank, world_size=world_size, epoch=epoch, seed=seed) if kind == 'wds' else {}
+
 def make_train_loader(spec: str | DataSpec | Dataset | IterableDataset, batch_size: int, image_views=('mocov2', 'mocov2'), image_size: int = 64,
                       text_aug: bool = True, mlm: bool = True, context_length: int = 77, workers: int = 0, seed: int = 0,
                       epoch: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = True, start_batch: int = 0,
@@ -340,9 +346,7 @@ def make_train_loader(spec: str | DataSpec | Dataset | IterableDataset, batch_si
         if isinstance(reader, IterableDataset): reader.set_epoch(epoch)
     else:
         spec = parse_data_spec(spec)
-        defaults = dict(image_size=image_size) if spec.kind == 'synthetic' else \
-                   dict(rank=rank, world_size=world_size, epoch=epoch, seed=seed) if spec.kind == 'wds' else {}
-        reader, name = open_train_data(spec, **defaults), spec.spec
+        reader, name = open_train_data(spec, **reader_defaults(spec, image_size, rank, world_size, epoch, seed)), spec.spec
     pipeline = SamplePipeline(image_views, image_size, text_aug, mlm, context_length, seed, mean, std, mlm_prob, eda)
     loader_args = dict(batch_size=batch_size, drop_last=drop_last, num_workers=workers, collate_fn=collate,
                        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,

@@ -19,7 +19,7 @@ from fastcore.script import bool_arg, Param
 from fastcore.docments import docments
 from .models import DeCLIP, ModelConfig, METHODS, SWITCHES, ALIASES, canonical_switches, model_config
 from .encoders import IMAGE_ENCODERS, TEXT_ENCODERS
-from .pipeline import parse_data_spec, open_train_data, make_train_loader, default_eval_data
+from .pipeline import parse_data_spec, open_train_data, make_train_loader, default_eval_data, reader_defaults
 from .device import (PRECISIONS, setup_distributed, seed_all, to_device, equal_batches, unwrap,
                            sum_counts_over_ranks, mean_over_ranks, threading_main, peak_memory_mb)
 from .runs import Checkpointer, MetricsLog, environment_info, plot_run, git_commit, read_metrics, load_checkpoint_file
@@ -84,9 +84,7 @@ def _open_train_data(p: dict, image_size: int):
     "(reader, number of samples or None) of the training data; a global batch larger than the data is refused."
     spec = parse_data_spec(p['train_data'])
     world, rank = int(os.environ.get('WORLD_SIZE', '1')), int(os.environ.get('RANK', '0'))
-    defaults = dict(image_size=image_size) if spec.kind == 'synthetic' else \
-               dict(rank=rank, world_size=world, epoch=0, seed=p['seed']) if spec.kind == 'wds' else {}
-    reader = open_train_data(spec, **defaults)                 # a spec that points nowhere fails here
+    reader = open_train_data(spec, **reader_defaults(spec, image_size, rank, world, 0, p['seed']))                 # a spec that points nowhere fails here
     n = getattr(reader, 'num_samples', None) if spec.kind == 'wds' else len(reader)   # a stream: all ranks' samples
     if n is not None and p['batch_size'] * world > n:
         raise ValueError(f"batch_size={p['batch_size']} x {world} process(es) is larger than the training set ({n} samples) of {p['train_data']!r}")
