@@ -383,8 +383,8 @@ def equal_compute(records:list, base='CLIP', other='DeCLIP', label='variant', ba
     c, o = mean_curve(curves, base_curve or base), mean_curve(curves, other)
     if steps <= c.index.max(): value, where = float(np.interp(steps, c.index, c.values)), 'interpolated on its curve'
     else: value, where = float(c.iloc[-1]), f'beyond its curve, which ends at step {c.index.max()}: its last value'
-    text = (f'{base_curve or base} given {other}\'s compute ({ratio:.2f}x the steps, {how}): validation score {value:.4f} at step '
-            f'{steps:.0f} ({where}); {other} {o.iloc[-1]:.4f} at step {o.index.max()}.')
+    text = (f'{base} given {other}\'s compute ({ratio:.2f}x the steps, {how}), read on the curve of {base_curve or base}: validation '
+            f'score {value:.4f} at step {steps:.0f} ({where}); {other} {o.iloc[-1]:.4f} at step {o.index.max()}.')
     return dict(ratio=ratio, how=how, steps=steps, base_value=value, other_value=float(o.iloc[-1]), text=text)
 
 # %% ../nbs/11_study.ipynb #21c22978
