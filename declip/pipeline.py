@@ -20,10 +20,10 @@ from .synthetic import SyntheticImageText, synthetic_eval_sets
 from .openclipart import OpenClipArt, openclipart_eval_sets
 
 # %% auto #0
-__all__ = ['DATA_KINDS', 'DATA_SPEC_FORMS', 'DataSpec', 'parse_data_spec', 'ClassCaptionData', 'open_train_data',
+__all__ = ['DATA_KINDS', 'DATA_SPEC_FORMS', 'REPLACE_TRIES', 'DataSpec', 'parse_data_spec', 'ClassCaptionData', 'open_train_data',
            'open_eval_data', 'default_eval_data', 'Skipped', 'key_to_index', 'sample_seeds', 'shuffle_seed',
-           'SamplePipeline', 'TrainData', 'TrainStream', 'collate', 'EpochSampler', 'TrainLoader', 'reader_defaults',
-           'make_train_loader', 'EvalImages', 'make_eval_loader']
+           'SamplePipeline', 'replacement_indices', 'TrainData', 'TrainStream', 'collate', 'EpochSampler',
+           'TrainLoader', 'reader_defaults', 'make_train_loader', 'EvalImages', 'make_eval_loader']
 
 # %% ../nbs/04_pipeline.ipynb #3f5abc12
 DATA_KINDS = ('synthetic', 'csv', 'tsv', 'jsonl', 'wds', 'imagefolder', 'openclipart')
@@ -179,7 +179,7 @@ def key_to_index(key: str) -> int:
     "A stable non-negative 63-bit integer for a sample key (same in every process and run)."
     return int.from_bytes(hashlib.blake2b(str(key).encode('utf-8', 'surrogatepass'), digest_size=8).digest(), 'big') >> 1
 
-_SAMPLE_STREAMS, _SHUFFLE_STREAM = 0, 1     # SeedSequence spawn keys: one purpose each (entropy alone is zero-padded)
+_SAMPLE_STREAMS, _SHUFFLE_STREAM, _REPLACE_STREAM = 0, 1, 2     # SeedSequence spawn keys: one purpose each (entropy alone is zero-padded)
 
 def _derived_seeds(purpose: int, n: int, **values) -> list[int]:
     for name, v in values.items():
@@ -237,21 +237,39 @@ class SamplePipeline:
                 f'mlm={self.mlm}, context_length={self.context_length}, seed={self.seed})')
 
 # %% ../nbs/04_pipeline.ipynb #a69079a2
+REPLACE_TRIES = 256     # draws for a bad sample's stand-in: with 91% of the samples bad, all 256 bad has p ~ 3e-11
+
+def replacement_indices(seed: int, epoch: int, index: int, size: int, tries: int = REPLACE_TRIES):
+    "`index`, then up to `tries` draws from `range(size)` seeded by `(seed, epoch, index)`: where a bad sample's stand-in is looked for."
+    yield index
+    rng = random.Random(_derived_seeds(_REPLACE_STREAM, 1, seed=seed, epoch=epoch, index=index)[0])
+    for _ in range(tries): yield rng.randrange(size)
+
 class TrainData(Dataset):
-    "A map-style reader + `SamplePipeline`: item `(epoch, index)` (or `index`) -> sample dict or `Skipped`."
-    def __init__(self, reader: Dataset, pipeline: SamplePipeline, epoch: int = 0):
-        self.reader, self.pipeline, self.epoch = reader, pipeline, epoch
+    "A map-style reader + `SamplePipeline`: item `(epoch, index)` (or `index`) -> sample dict (a bad one replaced) or `Skipped`."
+    def __init__(self, reader: Dataset, pipeline: SamplePipeline, epoch: int = 0, replace_bad: bool = True):
+        self.reader, self.pipeline, self.epoch, self.replace_bad = reader, pipeline, epoch, replace_bad
     def __len__(self): return len(self.reader)
     def set_epoch(self, epoch: int): self.epoch = epoch
+    def _sample(self, slot: int, epoch: int, index: int):
+        try: image, caption = self.reader[index]
+        except BadSample as e: return Skipped(e.reason, slot)
+        return self.pipeline(slot, epoch, image, caption)     # randomness from the slot: a stand-in gets the slot's views
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
-        try: image, caption = self.reader[index]
-        except BadSample as e: return Skipped(e.reason, index)
-        return self.pipeline(index, epoch, image, caption)
+        tries = REPLACE_TRIES if self.replace_bad else 0
+        reason = None                                          # the slot's own reason: one count per replaced slot
+        for j in replacement_indices(self.pipeline.seed, epoch, index, len(self.reader), tries):
+            sample = self._sample(index, epoch, j)
+            if isinstance(sample, dict): return dict(sample, replaced=[reason]) if reason else sample
+            reason = reason or sample.reason
+        return Skipped(reason, index)                          # no good stand-in: the batch comes out short
     def __repr__(self): return f'TrainData({self.reader!r}, {self.pipeline!r})'
 
+
+# %% ../nbs/04_pipeline.ipynb #07c9d614
 class TrainStream(IterableDataset):
-    "A webdataset reader + `SamplePipeline`; each DataLoader worker streams its shards; can skip the first batches."
+    "A webdataset reader + `SamplePipeline`; bad samples are left out and counted on the next good one; can skip the first batches."
     def __init__(self, reader: WebDatasetImageText, pipeline: SamplePipeline, batch_size: int, start_batch: int = 0):
         self.reader, self.pipeline, self.batch_size, self.start_batch = reader, pipeline, batch_size, start_batch
     def __len__(self): return max(0, len(self.reader) - self.start_batch * self.batch_size)
@@ -263,23 +281,30 @@ class TrainStream(IterableDataset):
         # plays the part worker (w + b) % W had, and skips the batches that part had already delivered
         part = (worker + self.start_batch) % workers
         skip = len(range(part, self.start_batch, workers)) * self.batch_size
-        epoch = self.reader.epoch
+        epoch, n, pending = self.reader.epoch, 0, []
         # `_iter_consumer(part, W)`: the reader's stream for consumer `part` of W (what its `__iter__` runs in worker `part`)
-        for n, (key, image, caption) in enumerate(self.reader._iter_consumer(part, workers)):
-            if n < skip: continue
-            yield self.pipeline(key, epoch, image, caption)
+        for key, image, caption in self.reader._iter_consumer(part, workers):
+            sample = self.pipeline(key, epoch, image, caption)
+            if not isinstance(sample, dict): pending.append(sample.reason); continue
+            n += 1
+            if n <= skip: pending = []; continue
+            yield dict(sample, replaced=pending) if pending else sample
+            pending = []
     def __repr__(self): return f'TrainStream({self.reader!r}, {self.pipeline!r})'
+
 
 # %% ../nbs/04_pipeline.ipynb #145f8be3
 def collate(samples: list) -> dict:
-    "Stack sample dicts into a batch dict; `None` / `Skipped` entries are dropped and counted in `batch['skipped']`."
+    "Stack sample dicts into a batch dict; `Skipped` / `None` entries are dropped; both they and replaced samples are counted in `batch['skipped']`."
     good = [s for s in samples if isinstance(s, dict)]
     skipped = Counter(s.reason if isinstance(s, (Skipped, BadSample)) else 'bad_sample'
                       for s in samples if not isinstance(s, dict))
-    batch = {k: torch.stack([s[k] for s in good]) for k in good[0] if k != 'index'} if good else {}
+    skipped.update(r for s in good for r in s.get('replaced', ()))
+    batch = {k: torch.stack([s[k] for s in good]) for k in good[0] if k not in ('index', 'replaced')} if good else {}
     batch['index'] = torch.tensor([s['index'] for s in good], dtype=torch.long)
     batch['skipped'] = dict(skipped)
     return batch
+
 
 # %% ../nbs/04_pipeline.ipynb #deb2e69e
 class EpochSampler(Sampler):
@@ -335,7 +360,8 @@ def make_train_loader(spec: str | DataSpec | Dataset | IterableDataset, batch_si
                       text_aug: bool = True, mlm: bool = True, context_length: int = 77, workers: int = 0, seed: int = 0,
                       epoch: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = True, start_batch: int = 0,
                       shuffle: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD, mlm_prob: float = 0.15,
-                      pin_memory: bool | None = None, prefetch_factor: int | None = None, eda: EDA | None = None) -> TrainLoader:
+                      pin_memory: bool | None = None, prefetch_factor: int | None = None, eda: EDA | None = None,
+                      replace_bad: bool = True) -> TrainLoader:
     "A train `DataLoader` over the source `spec` (or a reader it opened), yielding the batch dicts of `collate`; deterministic for any `workers`."
     for name, v, low in (('batch_size', batch_size, 1), ('workers', workers, 0), ('seed', seed, 0), ('epoch', epoch, 0),
                          ('world_size', world_size, 1), ('start_batch', start_batch, 0)):
@@ -362,15 +388,18 @@ def make_train_loader(spec: str | DataSpec | Dataset | IterableDataset, batch_si
     if n_batches == 0:
         raise ValueError(f'data spec {name!r}: {per_rank} samples per rank give no batch of batch_size={batch_size}')
     if start_batch > n_batches: raise ValueError(f'start_batch={start_batch} is past the end of the epoch ({n_batches} batches)')
-    return TrainLoader(TrainData(reader, pipeline, epoch), sampler=sampler, persistent_workers=workers > 0, **loader_args)
+    return TrainLoader(TrainData(reader, pipeline, epoch, replace_bad), sampler=sampler, persistent_workers=workers > 0, **loader_args)
 
 # %% ../nbs/04_pipeline.ipynb #9d0dd02a
 class EvalImages(Dataset):
-    "An evaluation set's images through `transform` (as RGB): `(image, int label)` for labelled samples, else the image."
-    def __init__(self, dataset, transform): self.dataset, self.transform = dataset, transform
+    "An evaluation set's images through `transform` (as RGB): `(image, int label)` for labelled samples, else the image; `skip_bad`: `Skipped` for an unreadable one."
+    def __init__(self, dataset, transform, skip_bad: bool = False): self.dataset, self.transform, self.skip_bad = dataset, transform, skip_bad
     def __len__(self): return len(self.dataset)
     def __getitem__(self, i):
-        item = self.dataset[i]
+        try: item = self.dataset[i]
+        except BadSample as e:
+            if self.skip_bad: return Skipped(e.reason, i)
+            raise
         image, label = item if isinstance(item, (tuple, list)) else (item, None)
         if hasattr(image, 'mode') and image.mode != 'RGB': image = image.convert('RGB')   # e.g. grey-scale sets
         return self.transform(image) if label is None else (self.transform(image), int(label))
