@@ -11,7 +11,7 @@ import torch, torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from .datasets import ClassificationSet, RetrievalSet
-from .pipeline import parse_data_spec, open_eval_data, EvalImages
+from .pipeline import parse_data_spec, open_eval_data, EvalImages, Skipped
 from .device import PRECISIONS, autocast
 from .models import METHODS
 
@@ -69,10 +69,21 @@ def model_device(model) -> torch.device:
     p = next(iter(model.parameters()), None) if hasattr(model, 'parameters') else None
     return p.device if p is not None else torch.device('cpu')
 
-def image_batches(dataset, transform, batch_size: int, workers: int = 0):
-    "Batches `(images, labels)` of `dataset`'s images through `transform` (`pipeline.EvalImages`); labels -1 for a set without."
-    for b in DataLoader(EvalImages(dataset, transform), batch_size=batch_size, shuffle=False, num_workers=workers):
-        yield (b, torch.full((len(b),), -1)) if torch.is_tensor(b) else b
+def _collate_eval(items: list) -> tuple:
+    "(images, labels (-1 without), indices in the batch of the `Skipped` items) of a batch of `EvalImages` items."
+    bad = [k for k, x in enumerate(items) if isinstance(x, Skipped)]
+    good = [x if isinstance(x, tuple) else (x, -1) for x in items if not isinstance(x, Skipped)]
+    if not good: return None, None, bad
+    return torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good]), bad
+
+def image_batches(dataset, transform, batch_size: int, workers: int = 0, skipped: list | None = None):
+    "Batches `(images, labels)` of `dataset`'s images through `transform` (`pipeline.EvalImages`); labels -1 for a set without; `skipped`: unreadable images are left out and their indices appended (None: `BadSample` raised)."
+    ds = EvalImages(dataset, transform, skip_bad=skipped is not None)
+    for b, batch in enumerate(DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate_eval)):
+        images, labels, bad = batch
+        if skipped is not None: skipped += [b * batch_size + k for k in bad]
+        if images is not None: yield images, labels
+
 
 # %% ../nbs/08_evaluation.ipynb #4d9b085f
 def resolve_transform(model, transform):
@@ -101,15 +112,15 @@ def encode_texts(model, texts: Sequence[str], tokenizer=None, device=None, batch
     return torch.cat(out) if out else torch.empty(0, 0)
 
 def extract_features(model, dataset, transform: Callable | None = None, batch_size: int = 256, device=None, workers: int = 0,
-                     normalize: bool = True, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    "Embed every image of `dataset` (samples `(PIL, label)` or bare PIL) -> (float32 [N, D], long [N]) on the CPU."
+                     normalize: bool = True, progress: bool = False, skipped: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    "Embed every image of `dataset` (samples `(PIL, label)` or bare PIL) -> (float32 [N, D], long [N]) on the CPU; `skipped`: see `image_batches`."
     device, transform = device or model_device(model), resolve_transform(model, transform)
     feats, labels = [], []
     with eval_mode(model):
-        for images, y in tqdm(image_batches(dataset, transform, batch_size, workers), disable=not progress, desc='images'):
+        for images, y in tqdm(image_batches(dataset, transform, batch_size, workers, skipped), disable=not progress, desc='images'):
             emb = model.encode_image(images.to(device), normalize=normalize).float()
             feats.append((F.normalize(emb, dim=-1) if normalize else emb).cpu()); labels.append(y)
-    if not feats: raise ValueError(f'extract_features: dataset {dataset!r} is empty')
+    if not feats: raise ValueError(f'extract_features: dataset {dataset!r} is empty' + (f' ({len(skipped)} unreadable images)' if skipped else ''))
     return torch.cat(feats), torch.cat(labels).long()
 
 # %% ../nbs/08_evaluation.ipynb #86dd39c4
@@ -150,9 +161,10 @@ def zero_shot_eval(model, dataset, tokenizer=None, transform: Callable | None = 
     if not templates: raise ValueError(f'zero_shot_eval: {dataset!r} has no templates; pass templates= (e.g. "simple")')
     device = device or model_device(model)
     classifier = zero_shot_classifier(model, dataset.classnames, templates, tokenizer, device, batch_size, progress)
-    feats, labels = extract_features(model, dataset, transform, batch_size, device, workers, normalize=True, progress=progress)
+    bad = []                                                  # unreadable images: left out and counted
+    feats, labels = extract_features(model, dataset, transform, batch_size, device, workers, normalize=True, progress=progress, skipped=bad)
     logits = feats @ classifier.cpu()
-    metrics = classification_metrics(logits, labels)
+    metrics = classification_metrics(logits, labels) | ({'skipped_images': len(bad)} if bad else {})
     if return_predictions: metrics.update(predictions=logits.argmax(1), labels=labels)
     return metrics
 
@@ -193,13 +205,14 @@ def retrieval_eval(model, dataset, tokenizer=None, transform: Callable | None = 
                    workers: int = 0, ks: Sequence[int] = (1, 5, 10), chunk_size: int | None = None,
                    progress: bool = False) -> dict:
     "Image<->text recall@k of `model` on a `RetrievalSet` (one list of captions per image)."
-    texts = [c for caps in dataset.captions for c in caps]
-    text_to_image = torch.tensor([i for i, caps in enumerate(dataset.captions) for _ in caps], dtype=torch.long)
-    if not texts: raise ValueError(f'retrieval_eval: {dataset!r} has no captions')
-    device = device or model_device(model)
-    image_emb, _ = extract_features(model, dataset, transform, batch_size, device, workers, normalize=True, progress=progress)
+    if not any(dataset.captions): raise ValueError(f'retrieval_eval: {dataset!r} has no captions')
+    device, bad = device or model_device(model), []
+    image_emb, _ = extract_features(model, dataset, transform, batch_size, device, workers, normalize=True, progress=progress, skipped=bad)
+    kept = [caps for i, caps in enumerate(dataset.captions) if i not in set(bad)]     # an unreadable image's captions go with it
+    texts = [c for caps in kept for c in caps]
+    text_to_image = torch.tensor([i for i, caps in enumerate(kept) for _ in caps], dtype=torch.long)
     text_emb = encode_texts(model, texts, tokenizer, device, batch_size, normalize=True, progress=progress)
-    return retrieval_metrics(image_emb, text_emb, text_to_image, ks, chunk_size)
+    return retrieval_metrics(image_emb, text_emb, text_to_image, ks, chunk_size) | ({'skipped_images': len(bad)} if bad else {})
 
 # %% ../nbs/08_evaluation.ipynb #d087ffd2
 def filip_class_embeddings(model, classnames: Sequence[str], templates: Sequence[str] | str, tokenizer=None, device=None,
@@ -248,14 +261,14 @@ def filip_zero_shot_eval(model, dataset, tokenizer=None, transform: Callable | N
                          'it needs a model trained with filip=True (presets filip, defilip)')
     device, transform = device or model_device(model), resolve_transform(model, transform)
     class_tokens, class_valid = filip_class_embeddings(model, dataset.classnames, templates, tokenizer, device, batch_size, padding, progress)
-    logits, labels = [], []
+    logits, labels, bad = [], [], []
     with eval_mode(model):
-        for images, y in tqdm(image_batches(dataset, transform, batch_size, workers), disable=not progress, desc='images'):
+        for images, y in tqdm(image_batches(dataset, transform, batch_size, workers, bad), disable=not progress, desc='images'):
             v = model.encode_image_dense(images.to(device)).float()
             logits.append(filip_scores(v, class_tokens, None if class_valid.all() else class_valid).cpu()); labels.append(y)
     if not logits: raise ValueError(f'filip_zero_shot_eval: dataset {dataset!r} is empty')
     logits, labels = torch.cat(logits), torch.cat(labels).long()
-    metrics = classification_metrics(logits, labels)
+    metrics = classification_metrics(logits, labels) | ({'skipped_images': len(bad)} if bad else {})
     if return_predictions: metrics.update(predictions=logits.argmax(1), labels=labels, logits=logits)
     return metrics
 
