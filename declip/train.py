@@ -8,7 +8,7 @@ __all__ = ['RunConfig', 'resolve_run', 'TrainingError', 'TrainState', 'Setup', '
            'train_epochs', 'finish_run', 'sigterm_flag', 'train', 'train_parser', 'train_cli', 'train_local']
 
 # %% ../nbs/09_train.ipynb #e7b892f4
-import argparse, itertools, os, sys, json, time, signal, warnings
+import argparse, errno, itertools, math, os, sys, json, time, signal, warnings
 from pathlib import Path
 from contextlib import contextmanager
 from dataclasses import dataclass, field, asdict
@@ -19,31 +19,62 @@ from fastcore.script import bool_arg, Param
 from fastcore.docments import docments
 from .models import DeCLIP, ModelConfig, METHODS, SWITCHES, ALIASES, canonical_switches, model_config
 from .encoders import IMAGE_ENCODERS, TEXT_ENCODERS
-from .pipeline import parse_data_spec, open_train_data, make_train_loader, default_eval_data, reader_defaults
+from .pipeline import parse_data_spec, open_train_data, make_train_loader, default_eval_data, reader_defaults, SamplePipeline
 from .device import (PRECISIONS, setup_distributed, seed_all, to_device, equal_batches, unwrap,
                            sum_counts_over_ranks, mean_over_ranks, threading_main, peak_memory_mb)
-from .runs import Checkpointer, MetricsLog, environment_info, plot_run, git_commit, read_metrics, load_checkpoint_file
+from .runs import (Checkpointer, MetricsLog, RunLock, CHECKPOINT_KEYS, environment_info, plot_run, git_commit, read_metrics,
+                         load_checkpoint_file, nonfinite_tensors)
 from .evaluation import parse_eval_data, open_eval_sets, evaluate_sets, zero_shot_scoring
 from .step import lr_at, make_optimizer, train_step
 
 # %% ../nbs/09_train.ipynb #62ffa185
-def _check_params(p: dict):
-    "Refuse a bad parameter before any work, naming it and the accepted values."
+def _check_names(p: dict):
+    "The named choices: method, encoders, precision."
     for name, known in (('method', METHODS), ('image_encoder', IMAGE_ENCODERS), ('text_encoder', TEXT_ENCODERS)):
         if p[name] not in known: raise ValueError(f"{name}={p[name]!r} is unknown; expected one of {sorted(known)}")
     if p['precision'] not in PRECISIONS: raise ValueError(f"precision={p['precision']!r} is unknown; expected one of {PRECISIONS}")
-    for name in ('batch_size', 'epochs', 'accum_steps', 'log_every', 'keep_checkpoints', 'context_length'):
+
+def _check_numbers(p: dict):
+    "Integers in range; float parameters finite, and not negative where that means nothing."
+    for name in ('batch_size', 'epochs', 'accum_steps', 'log_every', 'keep_checkpoints', 'context_length', 'max_nonfinite'):
         if not isinstance(p[name], int) or p[name] < 1: raise ValueError(f"{name}={p[name]!r} must be a positive integer")
     for name in ('max_steps', 'save_every', 'eval_every', 'warmup_steps', 'image_size'):
         if p[name] is not None and (not isinstance(p[name], int) or p[name] < (0 if name == 'warmup_steps' else 1)):
             raise ValueError(f"{name}={p[name]!r} must be a positive integer or None")
-    if p['workers'] < 0: raise ValueError(f"workers={p['workers']!r} must be >= 0")
+    for name in ('workers', 'seed'):
+        if not isinstance(p[name], int) or p[name] < 0: raise ValueError(f"{name}={p[name]!r} must be an integer >= 0")
+    for name in ('lr', 'base_lr', 'min_lr', 'weight_decay'):
+        v = p[name]
+        if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+            raise ValueError(f"{name}={v!r} must be a finite number >= 0" + (' or None' if name != 'min_lr' else ''))
+    if p['batch_size'] < 2:
+        raise ValueError(f"batch_size={p['batch_size']} is too small: a contrastive step needs at least 2 samples on each device "
+                         "(and batch-norm heads need 2 per device); use batch_size >= 2")
+
+def _check_device(device):
+    "A device string torch knows, and a GPU that exists when it names one."
+    if device is None: return
+    try: dev = torch.device(device)
+    except (RuntimeError, TypeError) as e: raise ValueError(f"device={device!r} is not a device torch knows (e.g. 'cpu', 'cuda', 'cuda:1'): {e}") from None
+    if dev.type == 'cuda' and not torch.cuda.is_available(): raise ValueError(f"device={device!r} but no CUDA GPU is available here; use device='cpu'")
+    if dev.type == 'cuda' and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device={device!r} but this machine has {torch.cuda.device_count()} GPU(s)")
+    if dev.type not in ('cpu', 'cuda', 'mps'): raise ValueError(f"device={device!r}: expected cpu or cuda[:N]")
+
+def _check_params(p: dict):
+    "Refuse a bad parameter before any work, naming it and the accepted values."
+    _check_names(p); _check_numbers(p); _check_device(p.get('device'))
 
 def _check_switches(switches: dict) -> dict:
-    "The switches given (aliases resolved, `None` = the method's value dropped); unknown names fail naming the accepted ones."
+    "The switches given (aliases resolved, `None` = the method's value dropped); unknown names and bad numbers fail naming the accepted ones."
     unknown = sorted(set(switches) - set(SWITCHES) - set(ALIASES))
     if unknown: raise TypeError(f"train() got unknown parameter(s) {unknown}; model switches are {sorted(SWITCHES)}")
-    return {k: v for k, v in canonical_switches(switches).items() if v is not None}
+    given = {k: v for k, v in canonical_switches(switches).items() if v is not None}
+    for k, v in given.items():
+        if isinstance(v, float) and not math.isfinite(v): raise ValueError(f"{k}={v!r} must be a finite number")
+        if isinstance(v, int) and not isinstance(v, bool) and v < 1: raise ValueError(f"{k}={v!r} must be a positive integer")
+    return given
+
 
 # %% ../nbs/09_train.ipynb #0884016f
 @dataclass
@@ -71,9 +102,18 @@ def _resolve_recipe(p: dict) -> dict:
     return dict(r, lr=lr, base_lr=r['base_lr'] if p['base_lr'] is None else min(p['base_lr'], lr),
                 weight_decay=r['weight_decay'] if p['weight_decay'] is None else p['weight_decay'])
 
+def _check_output_dir(out: Path):
+    "`out` must be a folder, or not exist yet under a folder this process can write in."
+    probe = out
+    while not probe.exists() and probe != probe.parent: probe = probe.parent
+    if not probe.is_dir(): raise ValueError(f"output_dir={str(out)!r}: {str(probe)!r} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PermissionError(f"output_dir={str(out)!r}: {str(probe)!r} is not writable (read-only or another user's); choose another output_dir")
+
 def _resolve_output(p: dict) -> Path | None:
     "The checkpoint to resume from; a folder that holds another run is refused unless resuming."
     out, ckpt = Path(p['output_dir']), Checkpointer(p['output_dir'])
+    _check_output_dir(out)
     resume_path = ckpt.resume_path(p['resume'])
     if p['resume'] in (None, False, 'false', 'False', '') and ((out / 'config.json').exists() or ckpt.last.exists()):
         raise FileExistsError(f"output_dir={str(out)!r} holds another run; pass resume=True to continue it, or choose another output_dir")
@@ -90,6 +130,24 @@ def _open_train_data(p: dict, image_size: int):
         raise ValueError(f"batch_size={p['batch_size']} x {world} process(es) is larger than the training set ({n} samples) of {p['train_data']!r}")
     return reader, n
 
+def _check_model(mcfg: ModelConfig, p: dict) -> int:
+    "The model built on the meta device (no memory) takes an image of the run's size, and the text pipeline the context length; returns the image size."
+    size = mcfg.image_size or IMAGE_ENCODERS[mcfg.image_encoder]['image_size']
+    try:
+        with torch.device('meta'): DeCLIP(mcfg).visual(torch.empty(2, 3, size, size))
+    except Exception as e:
+        raise ValueError(f"image_size={size} does not work with image_encoder={mcfg.image_encoder!r}: {str(e).splitlines()[0][:200]}") from None
+    SamplePipeline(image_size=size, text_aug=False, mlm=False, context_length=p['context_length'], seed=p['seed'])
+    return size
+
+def _check_resume(path: Path | None, mcfg: ModelConfig):
+    "The checkpoint to resume from reads as one and was made with this run's model settings; else one line naming what differs."
+    if path is None: return
+    saved = load_checkpoint_file(path, keys=CHECKPOINT_KEYS)['config'].get('resolved', {}).get('model', {})
+    now = json.loads(json.dumps(asdict(mcfg), default=str))
+    differ = [f"{k}={saved[k]!r} there, {now[k]!r} here" for k in now if k in saved and saved[k] != now[k]]
+    if differ: raise ValueError(f"resume: {str(path)!r} was made with other model settings ({'; '.join(differ)}); resume with the same settings or start a new output_dir")
+
 def resolve_run(params: dict, switches: dict) -> RunConfig:
     "Check and resolve `train`'s parameters and switches; open the data. Nothing is created on disk."
     _check_params(params)
@@ -98,11 +156,12 @@ def resolve_run(params: dict, switches: dict) -> RunConfig:
                         context_length=params['context_length'],
                         **({'image_size': params['image_size']} if params['image_size'] else {}), **given)
     recipe = _resolve_recipe(params)
+    image_size = _check_model(mcfg, params)
     parse_data_spec(params['train_data'])
     if params['eval_data'] is None: params = dict(params, eval_data=default_eval_data(params['train_data']))
     evals = parse_eval_data(params['eval_data'])
     resume_path = _resolve_output(params)
-    image_size = mcfg.image_size or IMAGE_ENCODERS[mcfg.image_encoder]['image_size']
+    _check_resume(resume_path, mcfg)
     reader, n = _open_train_data(params, image_size)
     eval_sets = open_eval_sets(evals, image_size)              # a set that cannot be opened fails here
     all_switches = {k: None for k in SWITCHES} | canonical_switches(switches)
@@ -145,7 +204,11 @@ def record_loss(self: TrainState, finite: bool, max_nonfinite: int, last_checkpo
     self.nonfinite_total += 1; self.nonfinite_in_a_row += 1
     if self.nonfinite_in_a_row >= max_nonfinite:
         raise TrainingError(f"{self.nonfinite_in_a_row} non-finite losses in a row at step {self.step}; "
-                            f"last good checkpoint: {last_checkpoint}. Lower lr or use precision='fp32'.")
+                            f"{_last_good(last_checkpoint)}. Lower lr or use precision='fp32'.")
+
+def _last_good(path) -> str:
+    "Where the last good checkpoint is (every written checkpoint is finite), or that there is none."
+    return f"last good checkpoint: {path}" if path is not None and Path(path).exists() else "no checkpoint was written yet"
 
 @patch
 def record_score(self: TrainState, score: float) -> bool:
@@ -192,6 +255,8 @@ def setup_run(run: RunConfig, state: TrainState, ckpt: Checkpointer) -> Setup:
     scaler = torch.amp.GradScaler(dev.type, enabled=run.precision == 'fp16')
     s = Setup(dev, rank, world, model, opt, scaler, _schedule(run, world))
     if run.resume_path is not None: ckpt.restore(run.resume_path, state, model, opt, scaler, dev, counts=s.is_main)
+    elif s.is_main and getattr(run.train_reader, 'malformed', 0):       # rows the reader could not parse, counted once
+        state.count_skipped({'malformed_row': run.train_reader.malformed})
     return s
 
 def run_config_dict(run: RunConfig, s: Setup) -> dict:
@@ -211,6 +276,7 @@ def start_run(run: RunConfig, s: Setup, log: MetricsLog, state: TrainState) -> d
     if s.is_main:
         run.output_dir.mkdir(parents=True, exist_ok=True)
         if run.resume_path is not None: log.drop_after(state.step)     # those steps are done again
+        else: log.reset()                                               # a run from step 0 starts a fresh log
         (run.output_dir / 'config.json').write_text(json.dumps(cfg, indent=2, default=str))
     s.ddp = s.model
     if s.world > 1:
@@ -228,18 +294,19 @@ class Meter:
     last_t: float = field(default_factory=time.time)
     last_step: int = 0
 
-def micro_batches(loader, state: TrainState, s: Setup, meter: Meter):
-    "The loader's batches, equal across ranks and on the device; skipped samples counted; the epoch position advanced."
+def micro_batches(loader, state: TrainState, s: Setup, meter: Meter, batch_size: int, source: str = ''):
+    "The loader's batches on the device, replaced samples counted, the epoch position advanced; a batch short on any rank stops the run."
     t = time.time()
     for batch in loader:
         meter.data_wait_s += time.time() - t
         state.count_skipped(batch.get('skipped') or {})
-        batch = equal_batches(batch, s.world, s.device)       # bad samples were dropped: ranks must agree on B
+        batch = equal_batches(batch, s.world, s.device)       # every rank learns the smallest batch (one all-reduce)
         state.batch_in_epoch += 1
-        if batch is None: state.count_skipped({'empty_batch': 1})   # (almost) every sample of this batch was bad
-        else:
-            meter.samples += batch['images'].shape[0] * s.world
-            yield to_device(batch, s.device)
+        if batch is None or batch['index'].numel() < batch_size:
+            raise TrainingError(f"train_data={source!r} has too few good samples to fill a batch of {batch_size}: every stand-in "
+                                f"drawn for a bad sample was bad too (bad samples so far: {state.skipped})")
+        meter.samples += batch['images'].shape[0] * s.world
+        yield to_device(batch, s.device)
         t = time.time()
 
 # %% ../nbs/09_train.ipynb #4141682c
@@ -280,7 +347,7 @@ def evaluate_run(run: RunConfig, s: Setup, state: TrainState, log: MetricsLog) -
 # %% ../nbs/09_train.ipynb #cfe6a446
 def after_step(run, s, state, finite, out, meter, log, ckpt, cfg, stop, bar) -> bool:
     "The bookkeeping after an optimiser step (see above); True when the run has all its steps."
-    state.record_loss(finite, run.max_nonfinite, ckpt.last)
+    state.record_loss(finite, run.max_nonfinite, ckpt.last if ckpt.last.exists() else None)
     total = s.schedule['total_steps']
     if state.step % run.log_every == 0 or state.step == total:
         rec = train_record(run, s, state, out, meter)
@@ -293,15 +360,26 @@ def after_step(run, s, state, finite, out, meter, log, ckpt, cfg, stop, bar) -> 
     if stop['signal'] is not None: _save(ckpt, s, state, cfg); raise SystemExit(128 + stop['signal'])
     return state.step >= total
 
-def _save(ckpt, s, state, cfg, best=False): ckpt.save(state, s.model, s.opt, s.scaler, cfg, s.device, best=best)
+def _save(ckpt, s, state, cfg, best=False):
+    "Write the checkpoint of this step (rank 0); a non-finite model or optimiser state (checked on every rank) stops the run instead."
+    bad = nonfinite_tensors(dict(model=s.model.state_dict(), optimizer=s.opt.state_dict()['state']))
+    if bad: raise TrainingError(f"step {state.step}: the model or optimiser state holds NaN or infinity ({', '.join(bad[:3])}); not saved, "
+                                f"{_last_good(ckpt.last)}. Lower lr or use precision='fp32'.")
+    ckpt.save(state, s.model, s.opt, s.scaler, cfg, s.device, best=best)
 
 # %% ../nbs/09_train.ipynb #7248ffcc
+def _stop_on_signal(stop, ckpt, s, state, cfg):
+    "SIGTERM seen: checkpoint this step, exit 128 + signal."
+    if stop['signal'] is not None: _save(ckpt, s, state, cfg); raise SystemExit(128 + stop['signal'])
+
 def train_epochs(run, s, state, meter, log, ckpt, cfg, stop, bar, _stop_after=None) -> bool:
     "Run epochs of optimiser steps from `state` until the last step (see above)."
     loader, sch, r = None, s.schedule, run.recipe
     while state.step < sch['total_steps']:
+        _stop_on_signal(stop, ckpt, s, state, cfg)
         loader = epoch_loader(run, s, state, loader)
-        batches = micro_batches(loader, state, s, meter)
+        from_start, steps_before = state.batch_in_epoch == 0, state.step
+        batches = micro_batches(loader, state, s, meter, run.batch_size, run.train_data)
         while True:
             lr = lr_at(state.step + 1, sch['total_steps'], r['lr'], r['base_lr'], sch['warmup_steps'], run.min_lr)
             out, finite, n = train_step(s.ddp, itertools.islice(batches, run.accum_steps), s.opt, lr, s.scaler,
@@ -311,15 +389,20 @@ def train_epochs(run, s, state, meter, log, ckpt, cfg, stop, bar, _stop_after=No
             done = after_step(run, s, state, finite, out, meter, log, ckpt, cfg, stop, bar)
             if _stop_after and state.step >= _stop_after: return False
             if done: return True
+        if from_start and state.step == steps_before:
+            raise TrainingError(f"epoch {state.epoch} of train_data={run.train_data!r} gave no optimiser step ({state.batch_in_epoch} "
+                                f"batch(es) of {run.batch_size}, accum_steps={run.accum_steps}); bad samples so far: {state.skipped}")
         state.next_epoch()
         if not run.save_every: _save(ckpt, s, state, cfg)
     return True
 
+
 # %% ../nbs/09_train.ipynb #fd476af7
 def finish_run(run, s, state, meter, log, ckpt, cfg) -> dict:
-    "Evaluate, save the last checkpoint, write summary.json and curves.png (rank 0); return the summary."
+    "Save the last checkpoint, evaluate (then bring `best` and best.pt up to date), write summary.json and curves.png (rank 0); return the summary."
+    _save(ckpt, s, state, cfg, best=not run.eval_sets)          # what was trained is on disk before the final evaluation
     res, improved = evaluate_run(run, s, state, log)
-    _save(ckpt, s, state, cfg, best=improved or state.best is None)
+    if improved: _save(ckpt, s, state, cfg, best=True)
     wall = time.time() - meter.started
     summary = dict(method=run.method, steps=state.step, epochs_done=state.epoch,
                    samples_seen=state.step * run.batch_size * s.world * run.accum_steps, wall_time_s=wall,
@@ -385,6 +468,24 @@ def train(
     "Train a CLIP-family model; returns the summary dict (also written to output_dir/summary.json)."
     params = {k: v for k, v in locals().items() if not k.startswith('_') and k != 'switches'}
     run = resolve_run(params, switches)
+    lock = _claim_output(run)
+    try: return _train(run, _stop_after)
+    finally: lock.release()
+
+def _claim_output(run: RunConfig) -> RunLock:
+    "Lock the run folder (rank 0; creates it) and, under the lock, decide again whether it may be used and what to resume."
+    lock = RunLock(run.output_dir)
+    if int(os.environ.get('RANK', '0')) != 0: return lock
+    lock.acquire()
+    try:
+        path = _resolve_output(run.params)             # another run may have started in it after the check
+        if path != run.resume_path: _check_resume(path, run.model)
+    except BaseException: lock.release(); raise
+    run.resume_path = path
+    return lock
+
+def _train(run: RunConfig, _stop_after=None):
+    "`train` after its checks, holding the run folder."
     state, ckpt = TrainState(), Checkpointer(run.output_dir, keep=run.keep_checkpoints)
     s = setup_run(run, state, ckpt)
     ckpt.enabled = s.is_main
@@ -422,11 +523,14 @@ def train_parser() -> argparse.ArgumentParser:
     return p
 
 def train_cli(argv=None):
-    "Command-line entry point of `train` (declip-train): a bad parameter is one line on stderr, exit status 2."
+    "Command-line entry point of `train` (declip-train): a bad parameter is one line on stderr (exit 2); a stopped run or a system error one line (exit 1)."
     args = {k: v for k, v in vars(train_parser().parse_args(argv)).items() if not (k in ALIASES and v is None)}
     try: train(**args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError) as e:
         print(f"declip-train: error: {e}", file=sys.stderr); sys.exit(2)
+    except TrainingError as e: print(f"declip-train: stopped: {e}", file=sys.stderr); sys.exit(1)
+    except OSError as e:                                  # e.g. a full disk: what and where, in one line
+        print(f"declip-train: error: {e.strerror or e} ({e.filename or 'output_dir'})", file=sys.stderr); sys.exit(1)
 
 # %% ../nbs/09_train.ipynb #35156433
 def train_local(nproc=2, **params):
