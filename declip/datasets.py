@@ -14,8 +14,8 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 # %% auto #0
-__all__ = ['WDS_IMAGE_EXTS', 'IMAGE_EXTENSIONS', 'BadSample', 'load_image', 'clean_caption', 'ClassificationSet', 'RetrievalSet',
-           'CsvImageText', 'JsonlImageText', 'expand_braces', 'expand_shard_patterns', 'split_shards',
+__all__ = ['WDS_IMAGE_EXTS', 'IMAGE_EXTENSIONS', 'BadSample', 'to_rgb', 'load_image', 'clean_caption', 'ClassificationSet',
+           'RetrievalSet', 'CsvImageText', 'JsonlImageText', 'expand_braces', 'expand_shard_patterns', 'split_shards',
            'WebDatasetImageText', 'image_folder']
 
 # %% ../nbs/02_datasets.ipynb #a365007b
@@ -27,9 +27,16 @@ class BadSample(Exception):
     def __reduce__(self): return (type(self), (self.reason, self.detail))   # survives DataLoader worker pickling
 
 # %% ../nbs/02_datasets.ipynb #0ecd13e5
+def to_rgb(im: Image.Image) -> Image.Image:
+    "`im` as 8-bit RGB; 16-bit and 32-bit integer or float greyscale scaled by its value range (PIL would clip it to 255)."
+    if im.mode not in ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N', 'F'): return im.convert('RGB')
+    a = np.asarray(im).astype(np.float64)
+    top = 1. if im.mode == 'F' and a.max(initial=0) <= 1 else 255. if a.max(initial=0) <= 255 else 65535. if a.max() <= 65535 else a.max()
+    return Image.fromarray(np.clip(np.rint(a * (255. / top)), 0, 255).astype(np.uint8)).convert('RGB')
+
 def load_image(path_or_bytes) -> Image.Image:
     "Open an image from a path, raw bytes or a PIL image as RGB; raise `BadSample('missing_file'|'corrupt_image')`."
-    if isinstance(path_or_bytes, Image.Image): return path_or_bytes.convert('RGB')
+    if isinstance(path_or_bytes, Image.Image): return to_rgb(path_or_bytes)
     if isinstance(path_or_bytes, (bytes, bytearray, memoryview)): src, name = io.BytesIO(bytes(path_or_bytes)), '<bytes>'
     else:
         if path_or_bytes is None: raise BadSample('missing_file', 'no image path')
@@ -37,7 +44,7 @@ def load_image(path_or_bytes) -> Image.Image:
         if not os.path.isfile(name): raise BadSample('missing_file', name)
         src = name
     try:
-        with Image.open(src) as im: return im.convert('RGB')
+        with Image.open(src) as im: return to_rgb(im)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
         raise BadSample('corrupt_image', f'{name}: {e}') from None
 
