@@ -21,9 +21,12 @@ def atomic_save(obj, path):
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.tmp*"): stale.unlink(missing_ok=True)   # left by a killed writer
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, 'wb') as f:
-        torch.save(obj, f); f.flush(); os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f); f.flush(); os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:                   # e.g. a full disk: no partial file left, the previous checkpoint kept
+        tmp.unlink(missing_ok=True); raise
 
 CHECKPOINT_KEYS = ('config', 'model', 'optimizer', 'scaler', 'step', 'rng')
 

@@ -126,6 +126,9 @@ def _open_train_data(p: dict, image_size: int):
     world, rank = int(os.environ.get('WORLD_SIZE', '1')), int(os.environ.get('RANK', '0'))
     reader = open_train_data(spec, **reader_defaults(spec, image_size, rank, world, 0, p['seed']))                 # a spec that points nowhere fails here
     n = getattr(reader, 'num_samples', None) if spec.kind == 'wds' else len(reader)   # a stream: all ranks' samples
+    if n is None and p['max_steps'] is None:
+        raise ValueError(f"train_data={p['train_data']!r} has no known sample count: add num_samples= to the spec "
+                         f"(e.g. 'wds:shards/{{00000..00009}}.tar:num_samples=10000'), put a sizes.json next to the shards, or give max_steps")
     if n is not None and p['batch_size'] * world > n:
         raise ValueError(f"batch_size={p['batch_size']} x {world} process(es) is larger than the training set ({n} samples) of {p['train_data']!r}")
     return reader, n
