@@ -8,7 +8,7 @@ __all__ = ['CHECKPOINT_KEYS', 'atomic_save', 'load_checkpoint_file', 'nonfinite_
            'device_description', 'provenance_facts', 'provenance_markdown', 'provenance', 'markdown_table']
 
 # %% ../nbs/06a_runs.ipynb #5d8be2b6
-import fcntl, json, os, platform, subprocess, time, warnings
+import errno, fcntl, json, os, platform, shutil, subprocess, time, warnings
 from datetime import datetime, timezone
 from pathlib import Path
 import numpy as np
@@ -25,8 +25,11 @@ def atomic_save(obj, path):
         with open(tmp, 'wb') as f:
             torch.save(obj, f); f.flush(); os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:                   # e.g. a full disk: no partial file left, the previous checkpoint kept
-        tmp.unlink(missing_ok=True); raise
+    except BaseException as e:              # e.g. a full disk: no partial file left, the previous checkpoint kept
+        full = isinstance(e, (OSError, RuntimeError)) and shutil.disk_usage(path.parent).free < 1 << 20
+        tmp.unlink(missing_ok=True)
+        if full: raise OSError(errno.ENOSPC, 'No space left on device', str(path)) from None   # torch says only "unexpected pos"
+        raise
 
 CHECKPOINT_KEYS = ('config', 'model', 'optimizer', 'scaler', 'step', 'rng')
 
@@ -192,7 +195,7 @@ class RunDirLocked(FileExistsError):
 
 class RunLock:
     "An exclusive `flock` on `run_dir/.lock` while held; inherited (not taken again) where `DECLIP_RUN_LOCK` names the folder."
-    ENV = 'DECLIP_RUN_LOCK'
+    ENV, _held = 'DECLIP_RUN_LOCK', set()            # _held: the folders this process holds
     def __init__(self, run_dir): self.dir, self._fd = Path(run_dir), None
 
     @classmethod
@@ -200,21 +203,34 @@ class RunLock:
         "The environment entry a parent holding the lock gives the child that trains in `run_dir`."
         return {cls.ENV: str(Path(run_dir).resolve())}
 
-    def acquire(self):
-        "Take the lock (creating the folder), or raise `RunDirLocked` naming the holder."
-        if os.environ.get(self.ENV) == str(self.dir.resolve()): return self
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.dir / '.lock', os.O_RDWR | os.O_CREAT, 0o644)
+    def _inherited(self) -> bool: return os.environ.get(self.ENV) == str(self.dir.resolve())
+
+    def _flock(self, fd):
+        "Lock `fd` or close it and raise `RunDirLocked` naming the holder."
         try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(fd, 32).decode(errors='replace').strip() or '?'; os.close(fd)
             raise RunDirLocked(f"output_dir={str(self.dir)!r} is in use by another run (pid {holder}); "
                                "wait for it to end or choose another output_dir") from None
+
+    def check(self):
+        "Raise `RunDirLocked` when another process holds the lock; creates nothing."
+        if self._inherited() or str(self.dir.resolve()) in self._held or not (self.dir / '.lock').is_file(): return
+        fd = os.open(self.dir / '.lock', os.O_RDONLY)
+        self._flock(fd); os.close(fd)
+
+    def acquire(self):
+        "Take the lock (creating the folder), or raise `RunDirLocked` naming the holder."
+        if self._inherited(): return self
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.dir / '.lock', os.O_RDWR | os.O_CREAT, 0o644)
+        self._flock(fd)
         os.ftruncate(fd, 0); os.write(fd, f'{os.getpid()}\n'.encode()); self._fd = fd
+        self._held.add(str(self.dir.resolve()))
         return self
 
     def release(self):
-        if self._fd is not None: os.close(self._fd); self._fd = None
+        if self._fd is not None: os.close(self._fd); self._fd = None; self._held.discard(str(self.dir.resolve()))
     def __enter__(self): return self.acquire()
     def __exit__(self, *exc): self.release()
 

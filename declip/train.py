@@ -114,6 +114,7 @@ def _resolve_output(p: dict) -> Path | None:
     "The checkpoint to resume from; a folder that holds another run is refused unless resuming."
     out, ckpt = Path(p['output_dir']), Checkpointer(p['output_dir'])
     _check_output_dir(out)
+    RunLock(out).check()                               # a folder in use says so first
     resume_path = ckpt.resume_path(p['resume'])
     if p['resume'] in (None, False, 'false', 'False', '') and ((out / 'config.json').exists() or ckpt.last.exists()):
         raise FileExistsError(f"output_dir={str(out)!r} holds another run; pass resume=True to continue it, or choose another output_dir")
@@ -407,7 +408,9 @@ def finish_run(run, s, state, meter, log, ckpt, cfg) -> dict:
     res, improved = evaluate_run(run, s, state, log)
     if improved: _save(ckpt, s, state, cfg, best=True)
     wall = time.time() - meter.started
-    summary = dict(method=run.method, steps=state.step, epochs_done=state.epoch,
+    per_epoch = s.schedule['steps_per_epoch']
+    whole = per_epoch and state.batch_in_epoch >= per_epoch * run.accum_steps          # ended at the end of an epoch
+    summary = dict(method=run.method, steps=state.step, epochs_done=state.epoch + bool(whole),
                    samples_seen=state.step * run.batch_size * s.world * run.accum_steps, wall_time_s=wall,
                    samples_per_s=meter.samples / max(wall, 1e-9), skipped=sum_counts_over_ranks(state.skipped, s.world),
                    nonfinite=state.nonfinite_total, best=state.best, eval=res, peak_memory_mb=peak_memory_mb(s.device))

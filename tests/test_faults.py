@@ -1,0 +1,215 @@
+"""The fault suite (issue 14): faults and bad inputs as a user meets them, each run as a real `declip-train` process.
+
+Every case ends in a trained-and-saved run or in one clear line (exit 2 for bad input, 1 for a run that had to
+stop or a system error), within a timeout so that a hang fails the test instead of blocking it; each test checks
+the exit status, the message and what is left on disk. Tiny runs: `clip`, vit-tiny / text-tiny, 32 px, batch 8,
+no workers, no evaluation unless it is the point.
+"""
+import json, os, signal, subprocess, sys, tarfile, time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from helpers import DECLIP_TRAIN, cpu_env, load_ckpt, run_ok, train_args
+
+RUN = dict(method='clip', train_data='synthetic:size=16', batch_size=8, max_steps=2, image_size=32, log_every=1)
+TIMEOUT = 180          # a run that hangs fails here
+
+
+def run(timeout=TIMEOUT, **params):
+    "A declip-train process to its end: (exit status, stderr without warnings)."
+    p = subprocess.run(train_args(**params), env=cpu_env(), capture_output=True, text=True, timeout=timeout)
+    return p.returncode, '\n'.join(l for l in p.stderr.splitlines() if l.startswith('declip-train'))
+
+
+def one_line(err, start='declip-train: error: '):
+    "The one line a refused or stopped run prints."
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(start), err
+    return lines[0]
+
+
+def write_csv(folder, good, bad):
+    "A CSV manifest of `good` readable images and `bad` missing ones (the loader shuffles them)."
+    folder.mkdir(parents=True, exist_ok=True)
+    for g in range(good): Image.new('RGB', (40, 40), (g * 40, 80, 160)).save(folder / f'{g}.png')
+    rows = ['filepath,title'] + [f'{g}.png,picture {g}' for g in range(good)] + [f'missing{i}.png,a missing picture {i}' for i in range(bad)]
+    (folder / 'train.csv').write_text('\n'.join(rows) + '\n')
+    return f"csv:{folder / 'train.csv'}"
+
+
+def no_max_steps(**params):
+    "RUN without max_steps (the epochs decide), with `params`."
+    return {k: v for k, v in dict(RUN, **params).items() if k != 'max_steps'}
+
+
+@pytest.fixture(scope='module')
+def finished(tmp_path_factory):
+    "A finished tiny run (2 steps, a checkpoint each step) that the resume cases start from."
+    out = tmp_path_factory.mktemp('faults') / 'done'
+    run_ok(train_args(output_dir=out, save_every=1, keep_checkpoints=2, **RUN), timeout=TIMEOUT)
+    return out
+
+
+# --- hangs: a run that cannot make progress stops with a message naming the cause ---------------------------------
+
+def test_all_samples_bad_stops_with_the_cause(workdir):
+    code, err = run(output_dir=workdir / 'run', **dict(RUN, train_data=write_csv(workdir / 'data', 0, 16)))
+    assert code == 1 and 'has too few good samples to fill a batch of 8' in one_line(err, 'declip-train: stopped: ') and 'missing_file' in err
+
+
+def test_corrupt_only_shard_stops_with_the_cause(workdir):
+    (workdir / 'bad.tar').write_bytes(b'this is not a tar file' * 100)
+    code, err = run(output_dir=workdir / 'run', **dict(RUN, train_data=f"wds:{workdir / 'bad.tar'}:num_samples=16"))
+    assert code == 1 and "epoch 0 of train_data='wds:" in one_line(err, 'declip-train: stopped: ') and 'gave no optimiser step' in err
+    assert not (workdir / 'run' / 'checkpoints').exists()                       # no checkpoint rewritten in a loop
+
+
+def test_mostly_bad_data_keeps_nominal_epochs(workdir):
+    "91% bad rows and one epoch: every bad sample replaced, one epoch of nominal steps, the replaced ones counted."
+    spec = write_csv(workdir / 'data', 3, 30)
+    run_ok(train_args(output_dir=workdir / 'run', **no_max_steps(train_data=spec, epochs=1)), timeout=TIMEOUT)
+    s = json.loads((workdir / 'run' / 'summary.json').read_text())
+    assert (s['steps'], s['epochs_done'], s['samples_seen']) == (4, 1, 32)
+    assert 20 <= s['skipped']['missing_file'] <= 30
+
+
+# --- bad parameters: one line, exit 2, nothing created ---------------------------------------------------------------
+
+BAD = [(dict(batch_size=1), 'batch_size=1 is too small'), (dict(lr='inf'), 'lr=inf must be a finite number'),
+       (dict(base_lr=-1), 'base_lr=-1.0'), (dict(min_lr=-5), 'min_lr=-5.0'), (dict(weight_decay=-1), 'weight_decay=-1.0'),
+       (dict(embed_dim=0), 'embed_dim=0'), (dict(nn_queue_size=-5), 'nn_queue_size=-5'), (dict(context_length=1), 'context_length'),
+       (dict(image_size=7), 'image_size'), (dict(seed=-1), 'seed=-1'), (dict(device='foo'), "device='foo'")]
+CLI_BATCH = r'''
+import contextlib, io, json, sys
+from declip.train import train_cli
+out = []
+for argv in json.load(open(sys.argv[1])):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try: train_cli(argv); code = 0
+        except SystemExit as e: code = e.code
+    out.append(dict(code=code, err='\n'.join(l for l in err.getvalue().splitlines() if l.startswith('declip-train'))))
+json.dump(out, open(sys.argv[2], 'w'))
+'''
+
+
+def cli_batch(workdir, cases):
+    "Run `train_cli` on each argv in one process (one import for many refusals): [(exit status, stderr line)]."
+    (workdir / 'argv.json').write_text(json.dumps([train_args(**c)[1:] for c in cases]))
+    (workdir / 'batch.py').write_text(CLI_BATCH)
+    subprocess.run([sys.executable, workdir / 'batch.py', workdir / 'argv.json', workdir / 'out.json'], env=cpu_env(),
+                   check=True, timeout=TIMEOUT, capture_output=True)
+    return [(r['code'], r['err']) for r in json.loads((workdir / 'out.json').read_text())]
+
+
+def test_bad_parameters_one_line_before_anything_exists(workdir):
+    import torch
+    (workdir / 'afile').write_text(''); (workdir / 'one.tar').write_bytes(b'')
+    bad = BAD + [(dict(output_dir=workdir / 'afile'), 'is a file, not a folder')]
+    if not torch.cuda.is_available(): bad.append((dict(device='cuda'), 'no CUDA GPU'))
+    cases = [dict(dict(RUN, output_dir=workdir / 'x'), **b) for b, _ in bad]
+    cases.append(no_max_steps(train_data=f"wds:{workdir / 'one.tar'}", output_dir=workdir / 'x'))
+    expected = [m for _, m in bad] + ['no known sample count: add num_samples=']
+    for (code, err), want in zip(cli_batch(workdir, cases), expected, strict=True):
+        assert code == 2 and want in one_line(err), (want, code, err)
+    assert not (workdir / 'x').exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason='root writes into read-only folders')
+def test_read_only_output_dir(workdir):
+    (workdir / 'ro').mkdir(); os.chmod(workdir / 'ro', 0o555)
+    code, err = run(output_dir=workdir / 'ro' / 'run', **RUN)
+    assert code == 2 and 'is not writable' in one_line(err)
+
+
+def test_bad_resume_sources_one_line(workdir, finished):
+    import torch
+    (workdir / 'notes.txt').write_text('not a checkpoint')
+    torch.save(dict(weights=torch.ones(1)), workdir / 'other.pt')
+    (workdir / 'cut.pt').write_bytes((finished / 'checkpoints' / 'last.pt').read_bytes()[:4096])
+    last = finished / 'checkpoints' / 'last.pt'
+    cases = [(dict(resume=workdir / 'notes.txt'), 'cannot be read'), (dict(resume=workdir / 'other.pt'), "lacks ['config'"),
+             (dict(resume=finished), 'is a folder'), (dict(resume=workdir / 'cut.pt'), 'cannot be read'),
+             (dict(resume=last, method='slip'), "method='clip' there, 'slip' here"),
+             (dict(resume=last, image_encoder='resnet-tiny'), "image_encoder='vit-tiny' there, 'resnet-tiny' here")]
+    got = cli_batch(workdir, [dict(RUN, output_dir=workdir / f'r{i}', **c) for i, (c, _) in enumerate(cases)])
+    for (code, err), (_, want) in zip(got, cases, strict=True): assert code == 2 and want in one_line(err), (want, err)
+    assert not any((workdir / f'r{i}').exists() for i in range(len(cases)))
+
+
+# --- runs lost: what was trained is on disk, and the last good checkpoint is good -----------------------------------
+
+def test_corrupt_last_falls_back_and_torn_log_is_tolerated(workdir, finished):
+    import shutil
+    out = workdir / 'run'; shutil.copytree(finished, out)
+    last = out / 'checkpoints' / 'last.pt'
+    data = last.read_bytes(); last.unlink(); last.write_bytes(data[:len(data) // 2])      # a torn last.pt (its own inode)
+    with open(out / 'metrics.jsonl', 'a') as f: f.write('{"type": "train", "ste')         # the cut-off line a kill leaves
+    p = run_ok(train_args(output_dir=out, resume='true', **dict(RUN, max_steps=3)), timeout=TIMEOUT)
+    assert 'newest intact checkpoint' in p.stderr and 'step_00000002.pt' in p.stderr
+    assert load_ckpt(out / 'checkpoints' / 'last.pt')['step'] == 3
+    steps = [json.loads(l)['step'] for l in open(out / 'metrics.jsonl') if json.loads(l)['type'] == 'train']
+    assert steps == [1, 2, 3]
+
+
+def test_bad_eval_image_is_skipped_and_the_run_saved(workdir):
+    for cls, colour in (('red', (200, 0, 0)), ('blue', (0, 0, 200))):
+        (workdir / 'pets' / cls).mkdir(parents=True)
+        for i in range(2): Image.new('RGB', (40, 40), colour).save(workdir / 'pets' / cls / f'{i}.png')
+    (workdir / 'pets' / 'blue' / 'broken.png').write_bytes(b'not a png')
+    run_ok(train_args(output_dir=workdir / 'run', **dict(RUN, eval_data=f"pets=imagefolder:{workdir / 'pets'}")), timeout=TIMEOUT)
+    s = json.loads((workdir / 'run' / 'summary.json').read_text())
+    assert s['eval']['pets']['skipped_images'] == 1
+    assert load_ckpt(workdir / 'run' / 'checkpoints' / 'best.pt')['best'] == s['best']
+
+
+def _mount_tmpfs(path, size):
+    path.mkdir()
+    p = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(path)], capture_output=True, text=True)
+    if p.returncode: pytest.skip(f'cannot mount a small filesystem here: {p.stderr.strip()[:100]}')
+
+
+def test_full_disk_one_line_previous_checkpoint_kept(workdir):
+    "A filesystem with room for one checkpoint (~106 MB) but not two: the second write fails cleanly."
+    fs = workdir / 'small'
+    _mount_tmpfs(fs, '150m')
+    try:
+        code, err = run(output_dir=fs / 'run', **dict(RUN, max_steps=3, save_every=1, keep_checkpoints=1))
+        assert code == 1 and 'No space left on device' in one_line(err) and 'step_00000002.pt' in err
+        ck = fs / 'run' / 'checkpoints'
+        assert sorted(p.name for p in ck.iterdir()) == ['last.pt', 'step_00000001.pt']   # no partial temporary file
+        assert load_ckpt(ck / 'last.pt')['step'] == 1
+    finally: subprocess.run(['umount', str(fs)], check=False)
+
+
+SLOW_TRAIN = r'''
+import sys, time
+import declip.train as T
+schedule = T.lr_at
+def slow_lr_at(*args, **kwargs):
+    time.sleep(0.3)
+    return schedule(*args, **kwargs)
+T.lr_at = slow_lr_at
+sys.exit(T.train_cli())
+'''
+
+
+def test_second_run_on_a_folder_in_use_is_refused(workdir):
+    out = workdir / 'run'
+    (workdir / 'slow.py').write_text(SLOW_TRAIN)
+    first = subprocess.Popen([sys.executable, workdir / 'slow.py'] + train_args(output_dir=out, **dict(RUN, max_steps=200))[1:],
+                             env=cpu_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + TIMEOUT
+        while not (out / 'config.json').exists():
+            assert first.poll() is None and time.time() < deadline, 'the first run did not start'
+            time.sleep(0.1)
+        for resume in ('false', 'auto'):
+            code, err = run(output_dir=out, resume=resume, **RUN)
+            assert code == 2 and f'is in use by another run (pid {first.pid})' in one_line(err), err
+        assert first.poll() is None                                               # the first run was not disturbed
+    finally: first.kill(); first.wait()
+    from declip.runs import RunLock
+    RunLock(out).acquire().release()                                              # a killed run leaves no stale lock
