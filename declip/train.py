@@ -114,7 +114,7 @@ def _resolve_output(p: dict) -> Path | None:
     "The checkpoint to resume from; a folder that holds another run is refused unless resuming."
     out, ckpt = Path(p['output_dir']), Checkpointer(p['output_dir'])
     _check_output_dir(out)
-    RunLock(out).check()                               # a folder in use says so first
+    if int(os.environ.get('RANK', '0')) == 0: RunLock(out).check()     # a folder in use says so first (rank 0 holds it)
     resume_path = ckpt.resume_path(p['resume'])
     if p['resume'] in (None, False, 'false', 'False', '') and ((out / 'config.json').exists() or ckpt.last.exists()):
         raise FileExistsError(f"output_dir={str(out)!r} holds another run; pass resume=True to continue it, or choose another output_dir")
