@@ -213,3 +213,29 @@ def test_second_run_on_a_folder_in_use_is_refused(workdir):
     finally: first.kill(); first.wait()
     from declip.runs import RunLock
     RunLock(out).acquire().release()                                              # a killed run leaves no stale lock
+
+
+STUCK_TRAIN = r'''
+import sys, time
+import declip.train as T
+T.TERM_GRACE_S = 2
+T.lr_at = lambda *args, **kwargs: time.sleep(600)           # no step ever completes
+sys.exit(T.train_cli())
+'''
+
+
+def test_sigterm_ends_a_run_that_makes_no_step(workdir):
+    "SIGTERM is honoured even when no step comes to checkpoint at: exit 143 after the grace time, saying why."
+    out = workdir / 'run'
+    (workdir / 'stuck.py').write_text(STUCK_TRAIN)
+    proc = subprocess.Popen([sys.executable, workdir / 'stuck.py'] + train_args(output_dir=out, **RUN)[1:],
+                            env=cpu_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + TIMEOUT
+        while not (out / 'config.json').exists():
+            assert proc.poll() is None and time.time() < deadline, 'the run did not start'
+            time.sleep(0.1)
+        time.sleep(1); proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally: proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM and 'no step for 2 s' in err, (proc.returncode, err[-2000:])
