@@ -14,7 +14,7 @@ from fastcore.script import call_parse, Param, store_true
 from .models import METHODS, ALIASES
 from .pipeline import parse_data_spec, open_train_data, default_eval_data
 from .evaluation import split_named_entry
-from .runs import markdown_table, provenance, read_metrics
+from .runs import markdown_table, provenance, read_metrics, RunLock, RunDirLocked
 from .train import train, primary_score
 
 # %% auto #0
@@ -146,36 +146,26 @@ def train_and_test(test_data:str='', train_fraction:float=None, **params) -> dic
 # %% ../nbs/11_study.ipynb #80a35ae6
 _RUNNER = "import json, sys; from declip.study import train_and_test; train_and_test(**json.load(open(sys.argv[1])))"
 
-def _alive(pid):
-    try: os.kill(pid, 0); return True
-    except ProcessLookupError: return False
-    except PermissionError: return True
-
 def _lock(run_dir, poll=10.):
-    "Take `run_dir`'s lock; while another live process holds it, wait. Returns False if that process finished the run."
-    lock = run_dir / 'lock'
+    "Take `run_dir`'s run lock (`runs.RunLock`), waiting while another process or thread holds it; None if the holder finished the run."
+    lock = RunLock(run_dir)
     while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY); os.write(fd, str(os.getpid()).encode()); os.close(fd)
-            return True
-        except FileExistsError:
-            try: pid = int(lock.read_text() or 0)
-            except (OSError, ValueError): pid = 0
-            if pid and _alive(pid): time.sleep(poll)        # another study trains this run: wait for it
-            else: lock.unlink(missing_ok=True)              # a stale lock (its process is gone)
-        if (run_dir / 'summary.json').exists(): return False
+        try: return lock.acquire()
+        except RunDirLocked: time.sleep(poll)               # another study trains this run: wait for it
+        if (run_dir / 'summary.json').exists(): return None
 
 def _launch(params, run_dir, threads, keep_weights=False):
     "Run one training run (and its test evaluation) in a child process; return its summary (raises with the log's tail if it fails)."
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not _lock(run_dir): return json.loads((run_dir / 'summary.json').read_text())
+    lock = _lock(run_dir)
+    if lock is None: return json.loads((run_dir / 'summary.json').read_text())
     try:
         pfile = run_dir / 'params.json'
         pfile.write_text(json.dumps(params, indent=1, default=str))
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED='1')
+        env = dict(os.environ, **RunLock.env(run_dir), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED='1')
         with open(run_dir / 'log.txt', 'a') as log:
             p = subprocess.run([sys.executable, '-c', _RUNNER, str(pfile)], stdout=log, stderr=subprocess.STDOUT, env=env)
-    finally: (run_dir / 'lock').unlink(missing_ok=True)
+    finally: lock.release()                              # the child inherited it (DECLIP_RUN_LOCK)
     if p.returncode:
         tail = (run_dir / 'log.txt').read_text().strip().splitlines()[-15:]
         raise RuntimeError(f"run {run_dir.name} failed (exit {p.returncode}):\n" + '\n'.join(tail))
