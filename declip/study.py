@@ -14,15 +14,15 @@ from fastcore.script import call_parse, Param, store_true
 from .models import METHODS, ALIASES
 from .pipeline import parse_data_spec, open_train_data, default_eval_data
 from .evaluation import split_named_entry
-from .runs import markdown_table, provenance, read_metrics, RunLock, RunDirLocked
+from .runs import markdown_table, provenance, read_metrics, RunLock, RunDirLocked, git_commit
 from .train import train, primary_score
 
 # %% auto #0
 __all__ = ['ABLATION_VARIANTS', 'VARIANT_GROUPS', 'KEY_NAMES', 'REPORTS', 'test_split_spec', 'study_run', 'run_cost', 'run_key',
            'subset_spec', 'test_checkpoints', 'train_and_test', 'run_record', 'write_record', 'read_record', 'run_grid',
            'record_row', 'mean_std', 'difference', 'learning_curves', 'mean_curve', 'budget_rule', 'compute_ratio',
-           'equal_compute', 'best_final_table', 'plot_learning_curves', 'saving_factor', 'default_runs_dir',
-           'regenerate', 'reports_cli']
+           'equal_compute', 'best_final_table', 'plot_learning_curves', 'saving_factor', 'execute_notebooks',
+           'default_runs_dir', 'regenerate', 'reports_cli']
 
 # %% ../nbs/11_study.ipynb #d236c2dc
 ABLATION_VARIANTS = {
@@ -41,6 +41,10 @@ ABLATION_VARIANTS = {
     '+MVS, standard views': dict(method='declip', image_ssl=False, text_ssl=False, nearest_neighbour=False, contrastive_text='clean',
                                  image_views='standard,standard'),
     'DeCLIP, standard views': dict(method='declip', image_views='standard,standard'),
+    'CLIP, MoCo v2 view without colour': dict(method='clip', image_views='mocov2_nocolour'),
+    'CLIP, MoCo v2 view without blur':   dict(method='clip', image_views='mocov2_noblur'),
+    'DeCLIP, MoCo v2 without colour':    dict(method='declip', image_views='mocov2_nocolour,mocov2_nocolour'),
+    'DeCLIP, MoCo v2 without blur':      dict(method='declip', image_views='mocov2_noblur,mocov2_noblur'),
 }
 "Study variants: name -> `train` keyword arguments (a method plus switches)."
 
@@ -48,8 +52,9 @@ VARIANT_GROUPS = {'ablation': ['CLIP', '+MVS', '+MVS+ISS', '+MVS+ISS+TSS', 'DeCL
                   'methods': ['CLIP', 'SLIP', 'FILIP', 'DeCLIP', 'DeFILIP'],
                   'faithful_vs_fixed': ['DeCLIP', 'DeCLIP, clean contrastive caption', 'DeCLIP, bidirectional MLM',
                                         'DeCLIP, queue without random start'],
-                  'augmentation': ['CLIP', 'CLIP, MoCo v2 view', '+MVS', '+MVS, standard views', 'DeCLIP',
-                                   'DeCLIP, standard views']}
+                  'augmentation': ['CLIP', 'CLIP, MoCo v2 view without colour', 'CLIP, MoCo v2 view without blur', 'CLIP, MoCo v2 view',
+                                   '+MVS', '+MVS, standard views', 'DeCLIP, standard views', 'DeCLIP, MoCo v2 without colour',
+                                   'DeCLIP, MoCo v2 without blur', 'DeCLIP']}
 
 # %% ../nbs/11_study.ipynb #5fe8eef0
 def _spec_string(kind, path, options) -> str:
@@ -434,6 +439,24 @@ def saving_factor(df:pd.DataFrame, metric:str, base='CLIP', other='DeCLIP', meth
                          interval=f'{fmt(lo, n)} to {fmt(hi, n)}'))
     return pd.DataFrame(rows).set_index('pairs')
 
+# %% ../nbs/11_study.ipynb #b2c3d4e5
+def execute_notebooks(paths:list, dest, progress:bool=True) -> pd.DataFrame:
+    "Execute notebooks with papermill (cwd: their folder) into `dest`, and write `dest`/README.md: commit, date, seconds each."
+    import papermill as pm
+    dest = Path(dest); dest.mkdir(parents=True, exist_ok=True)
+    started, commit, rows = time.time(), git_commit(), []
+    for p in map(Path, paths):
+        t0 = time.time()
+        pm.execute_notebook(str(p), str(dest / p.name), cwd=str(p.parent), progress_bar=progress, kernel_name='python3')
+        rows.append(dict(notebook=f'[{p.stem}]({p.name})', source=f'`nbs/{p.name}`', seconds=round(time.time() - t0, 1)))
+    table = pd.DataFrame(rows).set_index('notebook')
+    facts = provenance(dict(notebooks=[Path(p).name for p in paths]), started, command='declip-reports notebooks', commit=commit)
+    (dest / 'README.md').write_text('\n'.join([
+        '# The library notebooks, executed', '', 'Each notebook of `nbs/` run top to bottom by papermill (the `#| slow` cells too), '
+        'outputs kept; regenerate with `declip-reports notebooks`. They show the code of the commit below, not necessarily of '
+        'the latest one.', '', markdown_table(table, formats={'seconds': '{:.1f}'}), '', '## Provenance', '', facts, '']))
+    return table
+
 # %% ../nbs/11_study.ipynb #ac97b0f7
 REPORTS = {
     'ablations':         dict(notebook='nbs/ablations.ipynb', parameters={}, output_param='output', jobs=True),
@@ -442,6 +465,7 @@ REPORTS = {
     'train-declip-32ep': dict(notebook='nbs/train.ipynb', parameters=dict(epochs=32), output_param='output_dir'),
     'train-clip-32ep':   dict(notebook='nbs/train.ipynb', parameters=dict(epochs=32, method='clip'), output_param='output_dir'),
     'performance':       dict(script='benchmarks/step.py', smoke_args=['--quick'], report='performance'),
+    'notebooks':         dict(notebooks='nbs/[0-9]*.ipynb', smoke_notebooks=['00_text.ipynb']),
 }
 "Report name -> the notebook (papermill) or script that writes it, and its parameters."
 
@@ -472,6 +496,10 @@ def regenerate(names=None, smoke=False, out=None, jobs:int=2, progress=True):
         if 'script' in spec:
             args = [sys.executable, str(root / spec['script'])] + (spec.get('smoke_args', []) if smoke else [])
             subprocess.run(args + ['--report', str(dest / spec['report'])], cwd=root, check=True)
+        elif 'notebooks' in spec:
+            paths = sorted(root.glob(spec['notebooks']))
+            if smoke: paths = [p for p in paths if p.name in spec['smoke_notebooks']]
+            execute_notebooks(paths, dest, progress=progress)
         else:
             import papermill as pm
             nb = root / spec['notebook']
