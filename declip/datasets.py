@@ -14,9 +14,9 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 # %% auto #0
-__all__ = ['WDS_IMAGE_EXTS', 'IMAGE_EXTENSIONS', 'BadSample', 'to_rgb', 'load_image', 'clean_caption', 'ClassificationSet',
-           'RetrievalSet', 'CsvImageText', 'JsonlImageText', 'expand_braces', 'expand_shard_patterns', 'split_shards',
-           'WebDatasetImageText', 'image_folder']
+__all__ = ['CSV_KEY_DEFAULTS', 'WDS_IMAGE_EXTS', 'IMAGE_EXTENSIONS', 'BadSample', 'to_rgb', 'load_image', 'clean_caption',
+           'ClassificationSet', 'RetrievalSet', 'CsvImageText', 'JsonlImageText', 'expand_braces',
+           'expand_shard_patterns', 'split_shards', 'WebDatasetImageText', 'image_folder']
 
 # %% ../nbs/02_datasets.ipynb #a365007b
 class BadSample(Exception):
@@ -126,10 +126,35 @@ def _retrieval_from(paths, caption_lists, source: str) -> RetrievalSet:
     if dropped: warnings.warn(f'{source}: {dropped} empty or bad caption(s) left out of the retrieval set', stacklevel=3)
     return RetrievalSet.from_pairs([p for p, _ in rows], [c for _, c in rows], source=f'retrieval from {source}')
 
+# %% ../nbs/02_datasets.ipynb #3d1a66b6
+CSV_KEY_DEFAULTS = dict(image_key='filepath', caption_key='title')    # open_clip's --csv-img-key / --csv-caption-key defaults
+_LIKELY_COLUMNS = dict(image_key=('filepath', 'image', 'image_path', 'img', 'path', 'file', 'filename', 'url', 'jpg', 'png'),
+                       caption_key=('title', 'caption', 'text', 'captions', 'txt', 'description', 'sentence'))
+
+def _missing_columns(path, header: list, sep: str, image_key: str, caption_key: str) -> ValueError:
+    "The error for a manifest without the named columns: which, the columns it has, and the data spec that names them."
+    kind, keys = ('tsv' if sep == '\t' else 'csv'), dict(image_key=image_key, caption_key=caption_key)
+    missing = {k: v for k, v in keys.items() if v not in header}
+    roles, dflt = ', '.join(f'{k}={v!r}' for k, v in missing.items()), [k for k, v in missing.items() if v == CSV_KEY_DEFAULTS[k]]
+    roles += ('' if not dflt else f", open_clip's default{'s' * (len(dflt) > 1)}" if len(dflt) == len(missing) else
+              f"; {dflt[0]} is open_clip's default")
+    why = f'{path}: column(s) {list(missing.values())} not found ({roles}); the manifest has columns {header}'
+    found = next((s for s in ('\t', ';', '|', ',') if s != sep and s in header[0]), None) if len(header) == 1 else None
+    if found:                                                      # one big column holding another separator
+        how = f'in a data spec e.g. tsv:{path}' if found == '\t' else f'in a data spec e.g. {kind}:{path}:sep={found}' if found != ',' else 'or give the file a .csv name'
+        return ValueError(f'{why} (separator is {sep!r}: pass sep= if the file uses another one, {how}).')
+    taken, guess = {v for k, v in keys.items() if k not in missing}, {}
+    for k in missing:                                              # a known name, else the first free column
+        guess[k] = next((c for c in _LIKELY_COLUMNS[k] + tuple(header) if c in header and c not in taken), 'COLUMN')
+        taken.add(guess[k])
+    options = ','.join(f'{k}={c}' for k, c in guess.items())
+    return ValueError(f'{why}. Name the columns in the data spec, e.g. {kind}:{path}:{options} '
+                      f"(in Python: CsvImageText(path, {', '.join(f'{k}={c!r}' for k, c in guess.items())})).")
+
 # %% ../nbs/02_datasets.ipynb #2c7ee5cc
 class CsvImageText(Dataset):
     "Image-text pairs from a CSV/TSV manifest; `__getitem__(i) -> (PIL.Image RGB, caption)` or raises `BadSample`."
-    def __init__(self, path, image_key: str = 'filepath', caption_key: str = 'title', sep: str | None = None, reject_cjk: bool = False):
+    def __init__(self, path, image_key: str = CSV_KEY_DEFAULTS['image_key'], caption_key: str = CSV_KEY_DEFAULTS['caption_key'], sep: str | None = None, reject_cjk: bool = False):
         path = _require_file(path, 'CSV/TSV manifest')
         sep = sep or ('\t' if path.suffix.lower() in ('.tsv', '.tab') else ',')
         root, self.reject_cjk = str(path.parent), reject_cjk
@@ -139,11 +164,7 @@ class CsvImageText(Dataset):
             header = next(rows, None)
             if header is None: raise ValueError(f'{path}: empty manifest (no header row)')
             header = [h.strip().lstrip('\ufeff') for h in header]
-            missing = [k for k in (image_key, caption_key) if k not in header]
-            if missing:
-                hint = f' (separator is {sep!r}: pass sep= if the file uses another one)' if len(header) == 1 else ''
-                raise ValueError(f'{path}: column(s) {missing} not found; the manifest has columns {header}{hint}. '
-                                 f'Set image_key= / caption_key= to the image-path and caption columns.')
+            if image_key not in header or caption_key not in header: raise _missing_columns(path, header, sep, image_key, caption_key)
             ii, ci = header.index(image_key), header.index(caption_key)
             while True:
                 try: row = next(rows)

@@ -208,7 +208,8 @@ def retrieval_eval(model, dataset, tokenizer=None, transform: Callable | None = 
     if not any(dataset.captions): raise ValueError(f'retrieval_eval: {dataset!r} has no captions')
     device, bad = device or model_device(model), []
     image_emb, _ = extract_features(model, dataset, transform, batch_size, device, workers, normalize=True, progress=progress, skipped=bad)
-    kept = [caps for i, caps in enumerate(dataset.captions) if i not in set(bad)]     # an unreadable image's captions go with it
+    lost = set(bad)
+    kept = [caps for i, caps in enumerate(dataset.captions) if i not in lost]        # an unreadable image's captions go with it
     texts = [c for caps in kept for c in caps]
     text_to_image = torch.tensor([i for i, caps in enumerate(kept) for _ in caps], dtype=torch.long)
     text_emb = encode_texts(model, texts, tokenizer, device, batch_size, normalize=True, progress=progress)
@@ -310,22 +311,26 @@ def filip_similarity(image_tokens: torch.Tensor, text_tokens: torch.Tensor, text
 def filip_retrieval_eval(model, dataset, tokenizer=None, transform: Callable | None = None, batch_size: int = 256,
                          device=None, workers: int = 0, ks: Sequence[int] = (1, 5, 10), padding: bool | None = None,
                          progress: bool = False) -> dict:
-    "Image<->text recall@k of a FILIP model with token-wise (late-interaction) similarity on a `RetrievalSet`."
-    texts = [c for caps in dataset.captions for c in caps]
-    text_to_image = torch.tensor([i for i, caps in enumerate(dataset.captions) for _ in caps], dtype=torch.long)
-    if not texts: raise ValueError(f'filip_retrieval_eval: {dataset!r} has no captions')
+    "Image<->text recall@k of a FILIP model with token-wise (late-interaction) similarity on a `RetrievalSet`; unreadable images left out and counted."
+    if not any(dataset.captions): raise ValueError(f'filip_retrieval_eval: {dataset!r} has no captions')
     device, transform, tokenizer = device or model_device(model), resolve_transform(model, transform), resolve_tokenizer(model, tokenizer)
     padding = getattr(model.cfg, 'filip_padding', True) if padding is None else padding
+    bad = []                                                  # unreadable images: left out (with their captions) and counted
     with eval_mode(model):
-        v = torch.cat([model.encode_image_dense(x.to(device)).float().cpu()
-                       for x, _ in tqdm(image_batches(dataset, transform, batch_size, workers), disable=not progress, desc='images')])
+        v = [model.encode_image_dense(x.to(device)).float().cpu()
+             for x, _ in tqdm(image_batches(dataset, transform, batch_size, workers, bad), disable=not progress, desc='images')]
+        lost = set(bad)
+        kept = [caps for i, caps in enumerate(dataset.captions) if i not in lost]
+        texts = [c for caps in kept for c in caps]
+        if not texts: raise ValueError(f'filip_retrieval_eval: no readable image of {dataset!r} has a caption ({len(bad)} unreadable images)')
+        v, text_to_image = torch.cat(v), torch.tensor([i for i, caps in enumerate(kept) for _ in caps], dtype=torch.long)
         ws, oks = [], []
         for i in range(0, len(texts), batch_size):
             w, ok = model.encode_text_dense(tokenizer(texts[i:i + batch_size]).to(device))
             ws.append(w.float().cpu()); oks.append(ok.cpu())
     w, ok = torch.cat(ws), torch.cat(oks)
     i2t, t2i = filip_similarity(v, w, None if padding else ok)
-    return recall_from_scores(i2t, t2i, text_to_image, ks)
+    return recall_from_scores(i2t, t2i, text_to_image, ks) | ({'skipped_images': len(bad)} if bad else {})
 
 # %% ../nbs/08_evaluation.ipynb #1bcda346
 DEFAULT_L2_GRID = tuple(10.0 ** e for e in range(-6, 7))     # one value per decade; CLIP: torch.logspace(-6, 6, 96)

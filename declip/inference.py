@@ -20,7 +20,7 @@ from .device import PRECISIONS, autocast
 from .evaluation import (SCORINGS, open_eval_sets, evaluate_sets, zero_shot_scoring,
                                filip_similarity, linear_probe_eval, encode_texts, load_templates, eval_mode, model_device,
                                resolve_transform, resolve_tokenizer, stratified_split, split_named_entry)
-from .runs import load_checkpoint_file, markdown_table, provenance_markdown
+from .runs import load_checkpoint_file, markdown_table, provenance_markdown, WEIGHTS_FORMAT
 
 # %% auto #0
 __all__ = ['TABLE_COLUMNS', 'TABLE_FORMATS', 'resolve_checkpoint_path', 'model_config_from_checkpoint', 'load_checkpoint',
@@ -70,12 +70,14 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = 'cpu',
     cfg = model_config_from_checkpoint(ck, f'checkpoint {str(p)!r}')
     model = DeCLIP(cfg)
     missing, unexpected = model.load_state_dict(ck['model'], strict=False)
+    export = ck.get('format') == WEIGHTS_FORMAT                   # a weights-only export: its queue stays as initialised
+    if export: missing = [k for k in missing if k not in set(ck.get('dropped') or ())]
     if strict and (missing or unexpected):
         raise ValueError(f"checkpoint {str(p)!r}: its weights do not fit its configuration: missing {missing[:5]}, "
                          f'unexpected {unexpected[:5]} (pass strict=False to load anyway)')
     model.to(device).eval()
     model.checkpoint_info = dict(path=str(p), step=ck.get('step'), epoch=ck.get('epoch'),
-                                 method=ck['config'].get('method'), config=ck['config'])
+                                 method=ck['config'].get('method'), config=ck['config'], weights_only=export)
     return model, model.tokenizer, eval_transform(model.image_size)
 
 # %% ../nbs/10_inference.ipynb #d379e2e5

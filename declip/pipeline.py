@@ -4,7 +4,9 @@
 
 # %% ../nbs/04_pipeline.ipynb #41712531
 from __future__ import annotations
-import hashlib, inspect, math, os, random, re
+import hashlib, inspect, json, math, os, random, re, types, warnings
+import multiprocessing as mp
+from multiprocessing.context import get_spawning_popen
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -268,12 +270,38 @@ class TrainData(Dataset):
 
 
 # %% ../nbs/04_pipeline.ipynb #07c9d614
+class _WorkerCounts:
+    "Reason counts that DataLoader workers leave for the main process: one JSON slot per worker in shared memory."
+    SLOT_BYTES = 4096
+    def __init__(self, slots: int = 1): self._slots = [mp.Array('c', self.SLOT_BYTES, lock=False) for _ in range(max(1, slots))]
+    def add(self, slot: int, counts: dict):
+        "Add `counts` to worker `slot`'s (only that worker writes it: no lock)."
+        if not counts: return
+        if slot >= len(self._slots):
+            warnings.warn(f'{dict(counts)} bad samples of DataLoader worker {slot} not counted: the stream was made for {len(self._slots)} worker(s)'); return
+        total = Counter(json.loads(self._slots[slot].value or b'{}')) + Counter(counts)
+        data = json.dumps(dict(total)).encode()
+        self._slots[slot].value = data if len(data) < self.SLOT_BYTES else json.dumps({'bad_sample': sum(total.values())}).encode()
+    def take(self) -> dict:
+        "The counts of every worker since the last `take`, summed; the slots are emptied."
+        total = Counter()
+        for s in self._slots: total.update(json.loads(s.value or b'{}')); s.value = b''
+        return dict(total)
+    def __getstate__(self):   # shared only with processes being started; a plain copy (pickle, deepcopy) gets the values
+        if get_spawning_popen() is not None: return {'_slots': self._slots}
+        return {'_slots': [types.SimpleNamespace(value=bytes(s.value)) for s in self._slots]}
+
 class TrainStream(IterableDataset):
-    "A webdataset reader + `SamplePipeline`; bad samples are left out and counted on the next good one; can skip the first batches."
-    def __init__(self, reader: WebDatasetImageText, pipeline: SamplePipeline, batch_size: int, start_batch: int = 0):
-        self.reader, self.pipeline, self.batch_size, self.start_batch = reader, pipeline, batch_size, start_batch
+    "A webdataset reader + `SamplePipeline`; bad samples are left out and counted on a delivered sample (or left for `take_unreported`); can skip the first batches."
+    def __init__(self, reader: WebDatasetImageText, pipeline: SamplePipeline, batch_size: int, start_batch: int = 0,
+                 drop_last: bool = True, workers: int = 0):
+        self.reader, self.pipeline, self.batch_size, self.start_batch, self.drop_last = reader, pipeline, batch_size, start_batch, drop_last
+        self._unreported = _WorkerCounts(workers)
     def __len__(self): return max(0, len(self.reader) - self.start_batch * self.batch_size)
     def set_epoch(self, epoch: int, start_batch: int = 0): self.reader.set_epoch(epoch); self.start_batch = start_batch
+    def take_unreported(self) -> dict:
+        "Reason counts of the bad samples no delivered sample carried (consumers that delivered no batch), since the last call."
+        return self._unreported.take()
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
@@ -281,17 +309,28 @@ class TrainStream(IterableDataset):
         # plays the part worker (w + b) % W had, and skips the batches that part had already delivered
         part = (worker + self.start_batch) % workers
         skip = len(range(part, self.start_batch, workers)) * self.batch_size
-        epoch, n, pending = self.reader.epoch, 0, []
+        epoch, n, pending, batch, held = self.reader.epoch, 0, [], [], None
         # `_iter_consumer(part, W)`: the reader's stream for consumer `part` of W (what its `__iter__` runs in worker `part`)
         for key, image, caption in self.reader._iter_consumer(part, workers):
             sample = self.pipeline(key, epoch, image, caption)
             if not isinstance(sample, dict): pending.append(sample.reason); continue
             n += 1
             if n <= skip: pending = []; continue
-            yield dict(sample, replaced=pending) if pending else sample
-            pending = []
+            batch.append(dict(sample, replaced=pending) if pending else sample); pending = []
+            if len(batch) == self.batch_size:      # a full batch: the one before is complete; hold back this one's last sample
+                if held is not None: yield held
+                yield from batch[:-1]
+                held, batch = batch[-1], []
+        # the end: the bad samples of a short last batch that is dropped, and those after the last good sample,
+        # go on the last sample delivered; with no sample to carry them, they are left for `take_unreported`
+        tail = pending
+        if self.drop_last: tail, batch = [r for s in batch for r in s.get('replaced', ())] + tail, []
+        out = ([held] if held is not None else []) + batch
+        if out and tail: out[-1] = dict(out[-1], replaced=list(out[-1].get('replaced', ())) + tail)
+        yield from out
+        carried = skip > 0 and n >= (self.batch_size if self.drop_last else 1)   # resumed: its last batch carried them before
+        if not out and not carried: self._unreported.add(worker, Counter(tail))
     def __repr__(self): return f'TrainStream({self.reader!r}, {self.pipeline!r})'
-
 
 # %% ../nbs/04_pipeline.ipynb #145f8be3
 def collate(samples: list) -> dict:
@@ -342,6 +381,10 @@ class TrainLoader(DataLoader):
         if isinstance(self.dataset, TrainStream): self.dataset.set_epoch(epoch, start_batch)
         else: self.dataset.set_epoch(epoch); self.sampler.set_epoch(epoch, start_batch)
 
+    def take_unreported(self) -> dict:
+        "Skip counts no batch carried (a stream consumer that delivered no batch), since the last call; call after an epoch."
+        return self.dataset.take_unreported() if isinstance(self.dataset, TrainStream) else {}
+
     @property
     def epoch(self) -> int:
         return self.dataset.reader.epoch if isinstance(self.dataset, TrainStream) else self.sampler.epoch
@@ -380,7 +423,7 @@ def make_train_loader(spec: str | DataSpec | Dataset | IterableDataset, batch_si
                        # the DataLoader draws its worker base seed from this, not from the global torch RNG
                        generator=torch.Generator().manual_seed(shuffle_seed(seed, 0)))
     if isinstance(reader, IterableDataset):
-        dataset = TrainStream(reader, pipeline, batch_size, start_batch)
+        dataset = TrainStream(reader, pipeline, batch_size, start_batch, drop_last, workers)
         return TrainLoader(dataset, persistent_workers=False, **loader_args)
     sampler = EpochSampler(len(reader), batch_size, seed, epoch, rank, world_size, shuffle, start_batch)
     per_rank = len(reader) // world_size

@@ -18,8 +18,8 @@ from open_clip.tokenizer import SimpleTokenizer, default_bpe
 
 # %% auto #0
 __all__ = ['VOCAB_SIZE', 'PAD_ID', 'MASK_ID', 'SOT_ID', 'EOT_ID', 'SPECIAL_TOKENS', 'BPE_CACHE_MAX_WORDS', 'STOPWORDS',
-           'WORDNET_POS', 'WORDNET_SEARCH_PATHS', 'EDA_OPS', 'Tokenizer', 'get_tokenizer', 'mask_tokens', 'WordNet',
-           'find_wordnet', 'load_wordnet', 'EDA']
+           'WORDNET_POS', 'WORDNET_SEARCH_PATHS', 'NO_WORDNET', 'EDA_OPS', 'Tokenizer', 'get_tokenizer', 'mask_tokens',
+           'WordNet', 'find_wordnet', 'load_wordnet', 'EDA']
 
 # %% ../nbs/00_text.ipynb #d12f88e2
 VOCAB_SIZE = 49409  # 49,406 BPE tokens + <|mask|>, <|startoftext|>, <|endoftext|>
@@ -290,6 +290,8 @@ WORDNET_SEARCH_PATHS = ('/usr/share/wordnet', '/usr/local/share/wordnet', '/usr/
                         '/usr/share/WordNet-3.0/dict', '/opt/homebrew/share/wordnet', '~/nltk_data/corpora/wordnet',
                         '/usr/share/nltk_data/corpora/wordnet', '/usr/local/share/nltk_data/corpora/wordnet')
 _warned_no_wordnet = False
+NO_WORDNET = ('No WordNet database found: EDA synonym replacement/insertion fall back to the other operations; '
+              'install it with `apt-get install wordnet-base` (Debian/Ubuntu) or set DECLIP_WORDNET to its directory')
 
 def find_wordnet(wordnet_dir=None, warn: bool = True) -> str | None:
     "WordNet directory: `wordnet_dir`, else $DECLIP_WORDNET, else a usual place; `None` (warned once) if none."
@@ -306,9 +308,7 @@ def find_wordnet(wordnet_dir=None, warn: bool = True) -> str | None:
         if not _missing_wordnet_files(path): return path
     if warn and not _warned_no_wordnet:
         _warned_no_wordnet = True
-        warnings.warn('No WordNet database found (looked in $DECLIP_WORDNET and ' + ', '.join(WORDNET_SEARCH_PATHS)
-                      + '): EDA synonym replacement/insertion fall back to the other operations. '
-                      'Install one with `apt-get install wordnet-base` or set DECLIP_WORDNET.')
+        warnings.warn_explicit(NO_WORDNET, UserWarning, __name__, 0)      # no source line under it: one line
     return None
 
 @functools.lru_cache(maxsize=None)

@@ -5,7 +5,7 @@ stop or a system error), within a timeout so that a hang fails the test instead 
 the exit status, the message and what is left on disk. Tiny runs: `clip`, vit-tiny / text-tiny, 32 px, batch 8,
 no workers, no evaluation unless it is the point.
 """
-import json, os, signal, subprocess, sys, tarfile, time
+import io, json, os, signal, subprocess, sys, tarfile, time
 from pathlib import Path
 
 import pytest
@@ -30,13 +30,23 @@ def one_line(err, start='declip-train: error: '):
     return lines[0]
 
 
-def write_csv(folder, good, bad):
-    "A CSV manifest of `good` readable images and `bad` missing ones (the loader shuffles them)."
+def write_csv(folder, good, bad, malformed=0):
+    "A CSV manifest of `good` readable images, `bad` missing ones (the loader shuffles them) and `malformed` rows without an image path."
     folder.mkdir(parents=True, exist_ok=True)
     for g in range(good): Image.new('RGB', (40, 40), (g * 40, 80, 160)).save(folder / f'{g}.png')
-    rows = ['filepath,title'] + [f'{g}.png,picture {g}' for g in range(good)] + [f'missing{i}.png,a missing picture {i}' for i in range(bad)]
+    rows = ['filepath,title'] + [f'{g}.png,picture {g}' for g in range(good)] + [f'missing{i}.png,a missing picture {i}' for i in range(bad)] + [',no path'] * malformed
     (folder / 'train.csv').write_text('\n'.join(rows) + '\n')
     return f"csv:{folder / 'train.csv'}"
+
+
+def write_shard(path, good, bad_tail):
+    "A webdataset shard of `good` pictures followed by `bad_tail` corrupt ones (the stream's last samples)."
+    with tarfile.open(path, 'w') as tar:
+        for i in range(good + bad_tail):
+            buf = io.BytesIO(); Image.new('RGB', (40, 40), (i * 15, 80, 160)).save(buf, 'PNG')
+            for name, data in ((f'{i:04d}.png', buf.getvalue() if i < good else b'not a png'), (f'{i:04d}.txt', f'picture {i}'.encode())):
+                info = tarfile.TarInfo(name); info.size = len(data); tar.addfile(info, io.BytesIO(data))
+    return f'wds:{path}:num_samples={good + bad_tail}'
 
 
 def no_max_steps(**params):
@@ -59,20 +69,46 @@ def test_all_samples_bad_stops_with_the_cause(workdir):
     assert code == 1 and 'has too few good samples to fill a batch of 8' in one_line(err, 'declip-train: stopped: ') and 'missing_file' in err
 
 
-def test_corrupt_only_shard_stops_with_the_cause(workdir):
-    (workdir / 'bad.tar').write_bytes(b'this is not a tar file' * 100)
-    code, err = run(output_dir=workdir / 'run', **dict(RUN, train_data=f"wds:{workdir / 'bad.tar'}:num_samples=16"))
+@pytest.fixture(scope='module')
+def corrupt_only(tmp_path_factory):
+    "A run whose only shard is not a tar file: (exit status, stderr line, output folder)."
+    folder = tmp_path_factory.mktemp('corrupt-only')
+    (folder / 'bad.tar').write_bytes(b'this is not a tar file' * 100)
+    code, err = run(output_dir=folder / 'run', **dict(RUN, train_data=f"wds:{folder / 'bad.tar'}:num_samples=16"))
+    return code, err, folder / 'run'
+
+
+def test_corrupt_only_shard_stops_with_the_cause(corrupt_only):
+    code, err, out = corrupt_only
     assert code == 1 and "epoch 0 of train_data='wds:" in one_line(err, 'declip-train: stopped: ') and 'gave no optimiser step' in err
-    assert not (workdir / 'run' / 'checkpoints').exists()                       # no checkpoint rewritten in a loop
+    assert not (out / 'checkpoints').exists()                                   # no checkpoint rewritten in a loop
+
+
+@pytest.mark.xfail(strict=True, reason="pending in nbs/09_train.ipynb: train_epochs must count loader.take_unreported() "
+                                       "when an epoch's batches run out (a stream consumer that delivered no batch)")
+def test_corrupt_only_shard_message_counts_the_bad_samples(corrupt_only):
+    assert "bad samples so far: {'corrupt_shard': 1}" in corrupt_only[1]
 
 
 def test_mostly_bad_data_keeps_nominal_epochs(workdir):
-    "91% bad rows and one epoch: every bad sample replaced, one epoch of nominal steps, the replaced ones counted."
-    spec = write_csv(workdir / 'data', 3, 30)
+    "91% bad rows and one epoch: every bad sample replaced, one epoch of nominal steps, the replaced and malformed ones counted."
+    spec = write_csv(workdir / 'data', 3, 30, malformed=2)
     run_ok(train_args(output_dir=workdir / 'run', **no_max_steps(train_data=spec, epochs=1)), timeout=TIMEOUT)
     s = json.loads((workdir / 'run' / 'summary.json').read_text())
     assert (s['steps'], s['epochs_done'], s['samples_seen']) == (4, 1, 32)
-    assert 20 <= s['skipped']['missing_file'] <= 30
+    assert 20 <= s['skipped']['missing_file'] <= 30 and s['skipped']['malformed_row'] == 2
+    last = [json.loads(l) for l in open(workdir / 'run' / 'metrics.jsonl') if json.loads(l)['type'] == 'train'][-1]
+    assert last['skipped'] == s['skipped']
+
+
+def test_stream_bad_samples_at_the_end_are_counted(workdir):
+    "A stream cannot replace a bad sample: its bad samples after the last good one still reach metrics.jsonl and summary.json."
+    spec = write_shard(workdir / 'tail.tar', 16, 3)
+    run_ok(train_args(output_dir=workdir / 'run', **no_max_steps(train_data=spec, epochs=1)), timeout=TIMEOUT)
+    s = json.loads((workdir / 'run' / 'summary.json').read_text())
+    assert (s['steps'], s['epochs_done'], s['skipped']) == (2, 1, {'corrupt_image': 3})
+    last = [json.loads(l) for l in open(workdir / 'run' / 'metrics.jsonl') if json.loads(l)['type'] == 'train'][-1]
+    assert (last['step'], last['skipped']) == (2, {'corrupt_image': 3})
 
 
 # --- bad parameters: one line, exit 2, nothing created ---------------------------------------------------------------
@@ -107,7 +143,9 @@ def cli_batch(workdir, cases):
 def test_bad_parameters_one_line_before_anything_exists(workdir):
     import torch
     (workdir / 'afile').write_text(''); (workdir / 'one.tar').write_bytes(b'')
-    bad = BAD + [(dict(output_dir=workdir / 'afile'), 'is a file, not a folder')]
+    (workdir / 'pairs.csv').write_text('filepath,caption\n0.png,a picture\n')          # captions not under open_clip's 'title'
+    bad = BAD + [(dict(output_dir=workdir / 'afile'), 'is a file, not a folder'),
+                 (dict(train_data=f"csv:{workdir / 'pairs.csv'}"), f"e.g. csv:{workdir / 'pairs.csv'}:caption_key=caption")]
     if not torch.cuda.is_available(): bad.append((dict(device='cuda'), 'no CUDA GPU'))
     cases = [dict(dict(RUN, output_dir=workdir / 'x'), **b) for b, _ in bad]
     cases.append(no_max_steps(train_data=f"wds:{workdir / 'one.tar'}", output_dir=workdir / 'x'))
@@ -117,11 +155,16 @@ def test_bad_parameters_one_line_before_anything_exists(workdir):
     assert not (workdir / 'x').exists()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason='root writes into read-only folders')
 def test_read_only_output_dir(workdir):
-    (workdir / 'ro').mkdir(); os.chmod(workdir / 'ro', 0o555)
-    code, err = run(output_dir=workdir / 'ro' / 'run', **RUN)
-    assert code == 2 and 'is not writable' in one_line(err)
+    "A folder this process cannot write in: mode 555, or (root writes through modes) a read-only filesystem."
+    ro = workdir / 'ro'
+    if os.geteuid() == 0: _mount_tmpfs(ro, '1m', 'ro')
+    else: ro.mkdir(); os.chmod(ro, 0o555)
+    try:
+        code, err = run(output_dir=ro / 'run', **RUN)
+        assert code == 2 and 'is not writable' in one_line(err)
+    finally:
+        if os.geteuid() == 0: subprocess.run(['umount', str(ro)], check=False)
 
 
 def test_bad_resume_sources_one_line(workdir, finished):
@@ -154,20 +197,24 @@ def test_corrupt_last_falls_back_and_torn_log_is_tolerated(workdir, finished):
     assert steps == [1, 2, 3]
 
 
-def test_bad_eval_image_is_skipped_and_the_run_saved(workdir):
+@pytest.mark.parametrize('method', ['clip', 'filip'])                  # FILIP scores zero-shot and retrieval token-wise
+def test_bad_eval_image_is_skipped_and_the_run_saved(workdir, method):
+    "An unreadable image in an ImageFolder set and a missing one in a CSV (retrieval) set: left out, counted, the run saved."
     for cls, colour in (('red', (200, 0, 0)), ('blue', (0, 0, 200))):
         (workdir / 'pets' / cls).mkdir(parents=True)
         for i in range(2): Image.new('RGB', (40, 40), colour).save(workdir / 'pets' / cls / f'{i}.png')
     (workdir / 'pets' / 'blue' / 'broken.png').write_bytes(b'not a png')
-    run_ok(train_args(output_dir=workdir / 'run', **dict(RUN, eval_data=f"pets=imagefolder:{workdir / 'pets'}")), timeout=TIMEOUT)
+    pairs = write_csv(workdir / 'pairs', 3, 1)
+    evals = f"pets=imagefolder:{workdir / 'pets'} pairs={pairs}"
+    run_ok(train_args(output_dir=workdir / 'run', **dict(RUN, method=method, eval_data=evals)), timeout=TIMEOUT)
     s = json.loads((workdir / 'run' / 'summary.json').read_text())
-    assert s['eval']['pets']['skipped_images'] == 1
+    assert (s['eval']['pets']['skipped_images'], s['eval']['pairs']['skipped_images']) == (1, 1)
     assert load_ckpt(workdir / 'run' / 'checkpoints' / 'best.pt')['best'] == s['best']
 
 
-def _mount_tmpfs(path, size):
+def _mount_tmpfs(path, size, *options):
     path.mkdir()
-    p = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(path)], capture_output=True, text=True)
+    p = subprocess.run(['mount', '-t', 'tmpfs', '-o', ','.join((f'size={size}',) + options), 'tmpfs', str(path)], capture_output=True, text=True)
     if p.returncode: pytest.skip(f'cannot mount a small filesystem here: {p.stderr.strip()[:100]}')
 
 
@@ -182,6 +229,45 @@ def test_full_disk_one_line_previous_checkpoint_kept(workdir):
         assert sorted(p.name for p in ck.iterdir()) == ['last.pt', 'step_00000001.pt']   # no partial temporary file
         assert load_ckpt(ck / 'last.pt')['step'] == 1
     finally: subprocess.run(['umount', str(fs)], check=False)
+
+
+NAN_TRAIN = r'''
+import sys
+import declip.train as T
+from declip.models import DeCLIP
+mode, after, calls = sys.argv.pop(1), int(sys.argv.pop(1)), {'n': 0}
+if mode == 'loss':                                    # every loss after step `after` is NaN
+    forward = DeCLIP.forward
+    def nan_forward(self, batch, **kw):
+        out = forward(self, batch, **kw); calls['n'] += 1
+        if calls['n'] > after: out['loss'] = out['loss'] * float('nan')
+        return out
+    DeCLIP.forward = nan_forward
+else:                                                 # finite losses, but NaN weights from step `after` + 1 on
+    step = T.train_step
+    def poisoning_step(model, *args, **kwargs):
+        out = step(model, *args, **kwargs); calls['n'] += 1
+        if calls['n'] == after + 1: next(model.parameters()).data.fill_(float('nan'))
+        return out
+    T.train_step = poisoning_step
+sys.exit(T.train_cli())
+'''
+
+
+@pytest.mark.parametrize('mode, why', [('loss', '2 non-finite losses in a row at step 4'),
+                                       ('weights', 'step 3: the model or optimiser state holds NaN or infinity')])
+def test_nonfinite_stops_in_one_line_and_every_checkpoint_is_finite(workdir, mode, why):
+    "NaN losses, or a finite loss that leaves NaN weights: exit 1, one line naming the last good checkpoint, which is finite."
+    from declip.runs import nonfinite_tensors
+    out = workdir / 'run'
+    (workdir / 'nan.py').write_text(NAN_TRAIN)
+    argv = [sys.executable, workdir / 'nan.py', mode, '2'] + train_args(output_dir=out, **dict(RUN, max_steps=6, save_every=1, max_nonfinite=2))[1:]
+    p = subprocess.run(argv, env=cpu_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    line = one_line('\n'.join(l for l in p.stderr.splitlines() if l.startswith('declip-train')), 'declip-train: stopped: ')
+    assert p.returncode == 1 and why in line and f"last good checkpoint: {out / 'checkpoints' / 'last.pt'}" in line, line
+    written = sorted((out / 'checkpoints').glob('*.pt'))
+    assert written and all(not nonfinite_tensors(c['model'], c['optimizer']) for c in map(load_ckpt, written))
+    if mode == 'weights': assert load_ckpt(out / 'checkpoints' / 'last.pt')['step'] == 2
 
 
 SLOW_TRAIN = r'''

@@ -1,0 +1,80 @@
+"""The command lines as a user meets them: `declip-train`'s closing summary and hidden test hook, `declip-export`.
+
+Each run is a separate process on the CPU with one thread: the `clip` preset with the tiny encoders, 32-pixel images
+and the embedded synthetic data.
+"""
+import configparser, importlib, subprocess, sys
+from pathlib import Path
+
+import torch
+
+from helpers import DECLIP_TRAIN, cpu_env, load_ckpt, run_ok, train_args
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = dict(method='clip', train_data='synthetic:size=32', batch_size=8, max_steps=4, image_size=32, log_every=1)
+EVAL = 'synthetic:n_per_class=2,n_retrieval=8'
+
+
+def declip_export():
+    "The installed `declip-export`, or its entry point run by this Python (a checkout installed before the script existed)."
+    exe = Path(sys.executable).parent / 'declip-export'
+    return [str(exe)] if exe.exists() else [sys.executable, '-c', 'import sys; from declip.runs import export_cli; sys.exit(export_cli())']
+
+
+def test_console_scripts_are_registered():
+    "settings.ini (what setup.py reads) registers every command, each naming a function that exists."
+    cfg = configparser.ConfigParser(delimiters=['=']); cfg.read(ROOT / 'settings.ini')
+    scripts = dict(s.split('=', 1) for s in cfg['DEFAULT']['console_scripts'].split())
+    assert {'declip-train', 'declip-reports', 'declip-export'} <= set(scripts), scripts
+    for name, target in scripts.items():
+        module, func = target.split(':')
+        assert callable(getattr(importlib.import_module(module), func, None)), (name, target)
+
+
+def test_train_ends_with_a_closing_summary_then_export_and_refused_resume(workdir):
+    "A tiny run prints where it is, how much it trained, its final evaluation and its checkpoints; its export loads but cannot resume."
+    out = workdir / 'run'
+    p = run_ok(train_args(output_dir=out, **dict(TINY, eval_data=EVAL)), timeout=240)
+    said = p.stdout
+    assert said.startswith('declip-train: finished clip: 4 steps ('), said
+    assert '32 samples in ' in said and f'output folder: {out}' in said
+    rows = {l.split()[0]: l.split()[1:] for l in said.splitlines() if l.startswith('    ')}
+    assert rows['task'] == ['top1', 'top5', 'image_to_text_R@1', 'text_to_image_R@1', 'mean_recall'], said
+    assert rows['shape'][0] == 'zero-shot' and rows['retrieval'][0] == 'retrieval', said
+    assert f'last.pt: {out}/checkpoints/last.pt (a hard link of step_00000004.pt' in said
+    assert f'best.pt: {out}/checkpoints/best.pt' in said and f'declip-export {out}/checkpoints/best.pt' in said
+
+    e = run_ok(declip_export() + [str(out / 'checkpoints' / 'best.pt')], timeout=120)
+    weights = out / 'best.weights.pt'
+    assert e.stdout.startswith(f'declip-export: wrote {weights} (') and weights.is_file(), e.stdout
+    full, w = load_ckpt(out / 'checkpoints' / 'best.pt'), load_ckpt(weights)
+    assert 'optimizer' not in w and set(w['model']) == set(full['model']) - set(w['dropped'])
+    assert weights.stat().st_size < (out / 'checkpoints' / 'best.pt').stat().st_size
+
+    r = subprocess.run(train_args(output_dir=workdir / 'again', resume=weights, **TINY), env=cpu_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith('declip-train: error: ') and 'is a weights-only export' in last and 'checkpoints/last.pt' in last, last
+    assert not (workdir / 'again').exists()
+
+
+def test_train_help_hides_the_test_hook_which_still_works(workdir):
+    "`--_stop_after` is not in --help, yet stops a run after that many steps (no summary: it did not finish)."
+    h = run_ok([DECLIP_TRAIN, '--help'], timeout=60).stdout
+    assert '--seed' in h and '_stop_after' not in h
+    out = workdir / 'run'
+    p = run_ok(train_args(output_dir=out, save_every=1, _stop_after=2, **dict(TINY, eval_data='')), timeout=240)
+    assert 'finished' not in p.stdout and not (out / 'summary.json').exists()
+    assert load_ckpt(out / 'checkpoints' / 'last.pt')['step'] == 2
+
+
+def test_export_refuses_bad_paths_in_one_line(workdir):
+    "A missing checkpoint, or an output inside a run's checkpoints/ folder: exit 2, one line naming it."
+    r = subprocess.run(declip_export() + [str(workdir / 'nope.pt')], env=cpu_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip().count('\n') == 0 and 'nope.pt' in r.stderr, r.stderr
+    ck = workdir / 'run' / 'checkpoints'; ck.mkdir(parents=True)
+    torch.save(dict(config={}, model={}), ck / 'last.pt')
+    r = subprocess.run(declip_export() + [str(workdir / 'run'), '-o', str(ck / 'w.pt')], env=cpu_env(), capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "checkpoints/ folder" in r.stderr and not (ck / 'w.pt').exists(), r.stderr
