@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_datasets.ipynb #84f7a84c
 from __future__ import annotations
-import csv, io, itertools, json, math, os, posixpath, random, re, tarfile, warnings, zlib
+import csv, hashlib, heapq, io, itertools, json, math, os, posixpath, random, re, tarfile, warnings, zlib
 import multiprocessing as mp
 import numpy as np
 from multiprocessing.context import get_spawning_popen
@@ -14,9 +14,10 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 # %% auto #0
-__all__ = ['CSV_KEY_DEFAULTS', 'WDS_IMAGE_EXTS', 'IMAGE_EXTENSIONS', 'BadSample', 'to_rgb', 'load_image', 'clean_caption',
-           'ClassificationSet', 'RetrievalSet', 'CsvImageText', 'JsonlImageText', 'expand_braces',
-           'expand_shard_patterns', 'split_shards', 'WebDatasetImageText', 'image_folder']
+__all__ = ['CSV_KEY_DEFAULTS', 'SPLITS', 'WDS_IMAGE_EXTS', 'IMAGE_EXTENSIONS', 'BadSample', 'to_rgb', 'load_image',
+           'clean_caption', 'ClassificationSet', 'RetrievalSet', 'CsvImageText', 'JsonlImageText', 'image_key',
+           'holdout_order', 'count_images', 'HeldOutSplit', 'expand_braces', 'expand_shard_patterns', 'split_shards',
+           'WebDatasetImageText', 'image_folder']
 
 # %% ../nbs/02_datasets.ipynb #a365007b
 class BadSample(Exception):
@@ -158,6 +159,7 @@ class CsvImageText(Dataset):
         path = _require_file(path, 'CSV/TSV manifest')
         sep = sep or ('\t' if path.suffix.lower() in ('.tsv', '.tab') else ',')
         root, self.reject_cjk = str(path.parent), reject_cjk
+        self.root = root                                              # relative paths resolve here
         self.paths, self.captions, self.malformed, examples = [], [], 0, []
         with open(path, newline='', encoding='utf-8', errors='surrogateescape') as f:
             rows = csv.reader(f, delimiter=sep)
@@ -185,9 +187,10 @@ class CsvImageText(Dataset):
         caption = clean_caption(self.captions[i], self.reject_cjk)   # cheap check first: no decode for a bad caption
         return load_image(self.paths[i]), caption
     def __repr__(self): return self.source
-    def to_retrieval_set(self) -> RetrievalSet:
-        "The manifest as a retrieval set: rows grouped by image path."
-        return _retrieval_from(self.paths, [[c] for c in self.captions], self.source)
+    def to_retrieval_set(self, rows=None, source: str | None = None) -> RetrievalSet:
+        "The manifest (or its `rows`) as a retrieval set: rows grouped by image path."
+        rows = range(len(self)) if rows is None else [int(i) for i in rows]
+        return _retrieval_from([self.paths[i] for i in rows], [[self.captions[i]] for i in rows], source or self.source)
 
 # %% ../nbs/02_datasets.ipynb #649592d9
 class _StringTable:
@@ -238,9 +241,55 @@ class JsonlImageText(Dataset):
         caption = clean_caption(caps[0] if caps else None, self.reject_cjk)
         return load_image(self.paths[i]), caption
     def __repr__(self): return self.source
+    def to_retrieval_set(self, rows=None, source: str | None = None) -> RetrievalSet:
+        "The meta (or its `rows`) as a retrieval set: all captions of each image."
+        rows = range(len(self)) if rows is None else [int(i) for i in rows]
+        return _retrieval_from([self.paths[i] for i in rows], [self.captions[i] for i in rows], source or self.source)
+
+# %% ../nbs/02_datasets.ipynb #7f0348b3
+SPLITS = ('train', 'holdout')
+
+def image_key(path: str, root: str) -> str:
+    "What an image is held out by: its path relative to `root` (the manifest's folder, as the manifest names it), '/'-separated; a path outside `root` as it is."
+    prefix = os.path.join(root, '')
+    rel = path[len(prefix):] if path.startswith(prefix) else path
+    return posixpath.normpath(rel.replace(os.sep, '/'))
+
+def holdout_order(key: str) -> int:
+    "The 64-bit blake2b hash of an image key that orders the images for the holdout (the same in every process, run and machine)."
+    return int.from_bytes(hashlib.blake2b(f'holdout:{key}'.encode('utf-8', 'surrogatepass'), digest_size=8).digest(), 'big')
+
+def count_images(reader) -> int:
+    "Distinct images (`image_key`s) of a manifest reader."
+    return len({image_key(p, reader.root) for p in reader.paths})
+
+def _holdout_count(holdout, images: int) -> int:
+    "Images `holdout` (a count, or a fraction < 1) stands for among `images`."
+    ok = not isinstance(holdout, bool) and isinstance(holdout, (int, float)) and (0 < holdout < 1 or (holdout >= 0 and float(holdout).is_integer()))
+    if not ok: raise ValueError(f'holdout={holdout!r}: expected a number of images (an integer >= 0) or a fraction of them (0 < holdout < 1)')
+    k = int(holdout) if holdout >= 1 or holdout == 0 else max(1, round(holdout * images))
+    if k >= images: raise ValueError(f'holdout={holdout!r} holds out {k} of the {images} images: none would be left to train on')
+    return k
+
+class HeldOutSplit(Dataset):
+    "Side `split` ('train' or 'holdout') of a manifest reader whose `holdout` images with the smallest `holdout_order` (each with all its rows) are held out."
+    def __init__(self, reader, holdout: int | float, split: str = 'train'):
+        if split not in SPLITS: raise ValueError(f'split={split!r}: expected one of {SPLITS}')
+        keys = [image_key(p, reader.root) for p in reader.paths]
+        images = set(keys)
+        k = _holdout_count(holdout, len(images))
+        held = {key for _, key in heapq.nsmallest(k, ((holdout_order(key), key) for key in images))}
+        self.indices = np.array([i for i, key in enumerate(keys) if (key in held) == (split == 'holdout')], dtype=np.int64)
+        if not len(self.indices): raise ValueError(f'{reader.source}: holdout={holdout!r} holds out no image, so split={split!r} is empty')
+        self.reader, self.split, self.holdout, self.images, self.held_out = reader, split, holdout, len(images), k
+        self.malformed = getattr(reader, 'malformed', 0) if split == 'train' else 0
+        self.source = f'{reader.source}, {split} side: {len(self.indices)} rows ({k} of {len(images)} images held out)'
+    def __len__(self): return len(self.indices)
+    def __getitem__(self, i): return self.reader[int(self.indices[i])]
+    def __repr__(self): return self.source
     def to_retrieval_set(self) -> RetrievalSet:
-        "The meta as a retrieval set: all captions of each image."
-        return _retrieval_from(self.paths, self.captions, self.source)
+        "This side as a retrieval set (the held-out side: each held-out image with all its captions)."
+        return self.reader.to_retrieval_set(self.indices, source=self.source)
 
 # %% ../nbs/02_datasets.ipynb #00982501
 _BRACE = re.compile(r'\{([^{}]*)\}')

@@ -392,10 +392,12 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
 # %% ../nbs/08_evaluation.ipynb #d1503643
 def linear_probe_eval(model, train_set, test_set, transform: Callable | None = None, batch_size: int = 256, device=None,
                       workers: int = 0, normalize: bool = True, progress: bool = False, **probe_kwargs) -> dict:
-    "Embed `train_set` and `test_set` with the frozen `model`, then run `linear_probe` on the features."
-    train_x, train_y = extract_features(model, train_set, transform, batch_size, device, workers, normalize, progress)
-    test_x, test_y = extract_features(model, test_set, transform, batch_size, device, workers, normalize, progress)
-    return linear_probe(train_x, train_y, test_x, test_y, **probe_kwargs)
+    "Embed `train_set` and `test_set` with the frozen `model`, then run `linear_probe` on the features; unreadable images are left out and counted (`skipped_images`)."
+    bad_train, bad_test = [], []
+    train_x, train_y = extract_features(model, train_set, transform, batch_size, device, workers, normalize, progress, skipped=bad_train)
+    test_x, test_y = extract_features(model, test_set, transform, batch_size, device, workers, normalize, progress, skipped=bad_test)
+    res = linear_probe(train_x, train_y, test_x, test_y, **probe_kwargs)
+    return res | ({'skipped_images': len(bad_train) + len(bad_test)} if bad_train or bad_test else {})
 
 # %% ../nbs/08_evaluation.ipynb #9612a3fe
 def _tv(cls_name, train_splits, test_split, **kw):

@@ -16,16 +16,18 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_
 
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, VIEW_KINDS, eval_transform, view_transform
 from .text import EDA, get_tokenizer, mask_tokens
-from .datasets import (BadSample, ClassificationSet, CsvImageText, JsonlImageText, RetrievalSet,
-                             WebDatasetImageText, expand_shard_patterns, image_folder)
+from .datasets import (BadSample, ClassificationSet, CsvImageText, JsonlImageText, RetrievalSet, HeldOutSplit,
+                             WebDatasetImageText, count_images, expand_shard_patterns, image_folder)
 from .synthetic import SyntheticImageText, synthetic_eval_sets
 from .openclipart import OpenClipArt, openclipart_eval_sets
 
 # %% auto #0
-__all__ = ['DATA_KINDS', 'DATA_SPEC_FORMS', 'REPLACE_TRIES', 'DataSpec', 'parse_data_spec', 'ClassCaptionData', 'open_train_data',
-           'open_eval_data', 'default_eval_data', 'Skipped', 'key_to_index', 'sample_seeds', 'shuffle_seed',
-           'SamplePipeline', 'replacement_indices', 'TrainData', 'TrainStream', 'collate', 'EpochSampler',
-           'TrainLoader', 'reader_defaults', 'make_train_loader', 'EvalImages', 'make_eval_loader']
+__all__ = ['DATA_KINDS', 'DATA_SPEC_FORMS', 'REPLACE_TRIES', 'HOLDOUT_KINDS', 'HOLDOUT_SHARE', 'HOLDOUT_MIN', 'HOLDOUT_MAX',
+           'HOLDOUT_MIN_IMAGES', 'DataSpec', 'parse_data_spec', 'ClassCaptionData', 'open_train_data', 'open_eval_data',
+           'default_eval_data', 'Skipped', 'key_to_index', 'sample_seeds', 'shuffle_seed', 'SamplePipeline',
+           'replacement_indices', 'TrainData', 'TrainStream', 'collate', 'EpochSampler', 'TrainLoader',
+           'reader_defaults', 'make_train_loader', 'EvalImages', 'make_eval_loader', 'holdout_size', 'spec_with',
+           'DataPlan', 'default_data']
 
 # %% ../nbs/04_pipeline.ipynb #3f5abc12
 DATA_KINDS = ('synthetic', 'csv', 'tsv', 'jsonl', 'wds', 'imagefolder', 'openclipart')
@@ -139,13 +141,26 @@ def open_train_data(spec: str | DataSpec, **defaults) -> Dataset | IterableDatas
     if spec.kind == 'imagefolder':
         _require(spec.path, 'image folder', spec, folder=True)
         return ClassCaptionData(_call_with_options(image_folder, spec, spec.options, {'path': spec.path}, reserved=('path',)))
+    return _open_pairs(spec, 'train')
+
+_SPLIT_OPTIONS = ('holdout', 'split')
+
+def _open_pairs(spec: DataSpec, side: str) -> Dataset:
+    "A csv / tsv / jsonl reader, or one side of it when the spec holds images out (`holdout=`; `split=` names the side, else `side`)."
     _require(spec.path, {'csv': 'CSV manifest', 'tsv': 'TSV manifest', 'jsonl': 'JSON-lines meta file'}[spec.kind], spec)
+    options = {k: v for k, v in spec.options.items() if k not in _SPLIT_OPTIONS}
     if spec.kind == 'jsonl':
         if spec.root is not None: _require(spec.root, 'image root folder', spec, folder=True)
-        return _call_with_options(JsonlImageText, spec, spec.options, {'path': spec.path, 'root': spec.root},
-                                  reserved=('path', 'root'))
-    fixed = {'path': spec.path} | ({'sep': '\t'} if spec.kind == 'tsv' else {})
-    return _call_with_options(CsvImageText, spec, spec.options, fixed, reserved=('path',))
+        reader = _call_with_options(JsonlImageText, spec, options, {'path': spec.path, 'root': spec.root},
+                                    reserved=('path', 'root'), also_known=_SPLIT_OPTIONS)
+    else:
+        fixed = {'path': spec.path} | ({'sep': '\t'} if spec.kind == 'tsv' else {})
+        reader = _call_with_options(CsvImageText, spec, options, fixed, reserved=('path',), also_known=_SPLIT_OPTIONS)
+    if 'holdout' not in spec.options:
+        if 'split' in spec.options: raise ValueError(f'data spec {spec.spec!r}: split= needs holdout= (how many images are held out, or what fraction)')
+        return reader
+    try: return HeldOutSplit(reader, _parse_value(spec.options['holdout']), spec.options.get('split', side))
+    except ValueError as e: raise ValueError(f'data spec {spec.spec!r}: {e}') from None
 
 def open_eval_data(spec: str | DataSpec, **defaults) -> ClassificationSet | RetrievalSet | dict:
     "The evaluation set(s) a spec names: synthetic, openclipart -> dict of sets; imagefolder -> ClassificationSet; csv/tsv/jsonl -> RetrievalSet."
@@ -160,7 +175,7 @@ def open_eval_data(spec: str | DataSpec, **defaults) -> ClassificationSet | Retr
     if spec.kind == 'imagefolder':
         _require(spec.path, 'image folder', spec, folder=True)
         return _call_with_options(image_folder, spec, spec.options, {'path': spec.path}, reserved=('path',))
-    return open_train_data(spec).to_retrieval_set()
+    return _open_pairs(spec, 'holdout').to_retrieval_set()
 
 # %% ../nbs/04_pipeline.ipynb #59fa3a65
 def default_eval_data(train_data: str | DataSpec) -> str:
@@ -453,3 +468,48 @@ def make_eval_loader(dataset: ClassificationSet | RetrievalSet, image_size: int,
     _check_int_arg('batch_size', batch_size, 1); _check_int_arg('workers', workers, 0)
     return DataLoader(EvalImages(dataset, eval_transform(image_size, mean, std)), batch_size=batch_size, shuffle=False,
                       num_workers=workers, pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory)
+
+# %% ../nbs/04_pipeline.ipynb #c86f3193
+HOLDOUT_KINDS = ('csv', 'tsv', 'jsonl')
+HOLDOUT_SHARE, HOLDOUT_MIN, HOLDOUT_MAX, HOLDOUT_MIN_IMAGES = 0.02, 16, 1000, 100
+
+def holdout_size(images: int) -> int:
+    "Images the default holds out of `images`: 2 % of them, at least 16 and at most 1,000; none below 100 images."
+    if images < HOLDOUT_MIN_IMAGES: return 0
+    return min(HOLDOUT_MAX, max(HOLDOUT_MIN, round(HOLDOUT_SHARE * images)))
+
+def spec_with(spec: str | DataSpec, **options) -> str:
+    "The spec string with `options` set (replaced where the spec has them, else added at the end of its options)."
+    spec = parse_data_spec(spec)
+    opts = dict(spec.options, **{k: str(v) for k, v in options.items()})
+    head = [spec.kind] + ([spec.path] if spec.path else []) + ([spec.root] if spec.root else [])
+    return ':'.join(head + ([','.join(f'{k}={v}' for k, v in opts.items())] if opts else []))
+
+class DataPlan(NamedTuple):
+    "What a run trains and evaluates on (data specs), and the one line that says what was chosen for the user ('' when nothing was)."
+    train_data: str
+    eval_data: str
+    note: str = ''
+
+def default_data(train_data: str | DataSpec, eval_data: str | None = None) -> DataPlan:
+    "The training and evaluation specs of a run: `eval_data` as given, else the data's own sets or, for csv/tsv/jsonl pairs, a held-out slice of them."
+    spec = parse_data_spec(train_data)
+    if eval_data is not None: return DataPlan(spec.spec, eval_data)
+    if spec.kind == 'wds':
+        return DataPlan(spec.spec, '', 'no evaluation: a webdataset stream gets no held-out slice; give eval_data= to evaluate')
+    if spec.kind not in HOLDOUT_KINDS:
+        found = default_eval_data(spec)
+        return DataPlan(spec.spec, found, '' if found else f'no evaluation for {spec.kind} training data; give eval_data= to evaluate')
+    if re.search(r'\s', spec.spec):
+        return DataPlan(spec.spec, '', f'no held-out slice and no evaluation: the path of {spec.spec!r} holds white space, which eval_data cannot name')
+    if 'holdout' in spec.options:                         # the user's own holdout: evaluate on its held-out side
+        train, held = spec_with(spec, split=spec.options.get('split', 'train')), 'holdout=' + spec_with(spec, split='holdout')
+        return DataPlan(train, held, f'evaluating on the images the training spec holds out: eval_data={held}')
+    images = count_images(_open_pairs(spec, 'train'))
+    k = holdout_size(images)
+    if not k:
+        return DataPlan(spec.spec, '', f'{spec.spec} has {images} images, fewer than {HOLDOUT_MIN_IMAGES}: no held-out slice and '
+                                       'no evaluation; give eval_data= to evaluate')
+    train, held = spec_with(spec, holdout=k, split='train'), 'holdout=' + spec_with(spec, holdout=k, split='holdout')
+    return DataPlan(train, held, f'holding out {k:,} of {images:,} images ({k / images:.1%}, chosen by a hash of their path) for '
+                                 f"retrieval evaluation: train_data={train} eval_data={held} (eval_data='' trains on all and evaluates nothing)")

@@ -20,7 +20,7 @@ from fastcore.script import bool_arg, Param
 from fastcore.docments import docments
 from .models import DeCLIP, ModelConfig, METHODS, SWITCHES, ALIASES, canonical_switches, model_config
 from .encoders import IMAGE_ENCODERS, TEXT_ENCODERS
-from .pipeline import parse_data_spec, open_train_data, make_train_loader, default_eval_data, reader_defaults, SamplePipeline
+from .pipeline import parse_data_spec, open_train_data, make_train_loader, default_data, reader_defaults, SamplePipeline
 from .device import (PRECISIONS, setup_distributed, seed_all, to_device, equal_batches, unwrap,
                            sum_counts_over_ranks, mean_over_ranks, threading_main, peak_memory_mb)
 from .runs import (Checkpointer, MetricsLog, RunLock, CHECKPOINT_KEYS, environment_info, plot_run, git_commit, read_metrics,
@@ -91,6 +91,7 @@ class RunConfig:
     train_reader: object          # the training data, opened
     train_samples: int | None     # its length (None for a stream)
     eval_sets: dict
+    data_plan: dict = field(default_factory=dict)   # the data specs as given and the note of what `default_data` chose
 
     def __getattr__(self, name):
         if name.startswith('__') or name == 'params': raise AttributeError(name)
@@ -165,14 +166,17 @@ def resolve_run(params: dict, switches: dict) -> RunConfig:
     recipe = _resolve_recipe(params)
     image_size = _check_model(mcfg, params)
     parse_data_spec(params['train_data'])
-    if params['eval_data'] is None: params = dict(params, eval_data=default_eval_data(params['train_data']))
-    evals = parse_eval_data(params['eval_data'])
+    if params['eval_data'] is not None: parse_eval_data(params['eval_data'])    # the form, before any data is read
     resume_path = _resolve_output(params)
     _check_resume(resume_path, mcfg)
+    plan = default_data(params['train_data'], params['eval_data'])             # e.g. a held-out slice of the user's pairs
+    data_plan = dict(given=dict(train_data=params['train_data'], eval_data=params['eval_data']), note=plan.note)
+    params = dict(params, train_data=plan.train_data, eval_data=plan.eval_data)
+    evals = parse_eval_data(params['eval_data'])
     reader, n = _open_train_data(params, image_size)
     eval_sets = open_eval_sets(evals, image_size)              # a set that cannot be opened fails here
     all_switches = {k: None for k in SWITCHES} | canonical_switches(switches)
-    return RunConfig(dict(params, **all_switches), mcfg, recipe, Path(params['output_dir']), resume_path, reader, n, eval_sets)
+    return RunConfig(dict(params, **all_switches), mcfg, recipe, Path(params['output_dir']), resume_path, reader, n, eval_sets, data_plan)
 
 # %% ../nbs/09_train.ipynb #93b8654f
 class TrainingError(RuntimeError):
@@ -273,13 +277,15 @@ def run_config_dict(run: RunConfig, s: Setup) -> dict:
                     logit_scale_clamp=run.recipe['logit_scale_clamp'], warmup_steps=sch['warmup_steps'],
                     total_steps=sch['total_steps'], steps_per_epoch=sch['steps_per_epoch'],
                     global_batch=run.batch_size * s.world * run.accum_steps, train_samples=run.train_samples,
-                    model=asdict(run.model), data=unwrap(s.model).data_requirements(), chance=chance_levels(run.eval_sets))
+                    model=asdict(run.model), data=unwrap(s.model).data_requirements(), chance=chance_levels(run.eval_sets),
+                    data_plan=run.data_plan)
     cfg = dict(run.params, resolved=resolved, environment=environment_info(s.device))
     return json.loads(json.dumps(cfg, default=str))             # plain values only: loads with weights_only
 
 def start_run(run: RunConfig, s: Setup, log: MetricsLog, state: TrainState) -> dict:
-    "Write config.json (rank 0; on resume, drop the metrics logged after the checkpoint); wrap for DDP / compile. Returns the config."
+    "Print the data note and write config.json (rank 0; on resume, drop the metrics logged after the checkpoint); wrap for DDP / compile. Returns the config."
     cfg = run_config_dict(run, s)
+    if s.is_main and run.data_plan.get('note'): print(f"declip-train: {run.data_plan['note']}", file=sys.stderr, flush=True)
     if s.is_main:
         run.output_dir.mkdir(parents=True, exist_ok=True)
         if run.resume_path is not None: log.drop_after(state.step)     # those steps are done again
@@ -400,7 +406,8 @@ def train_epochs(run, s, state, meter, log, ckpt, cfg, stop, bar, _stop_after=No
             lr = lr_at(state.step + 1, sch['total_steps'], r['lr'], r['base_lr'], sch['warmup_steps'], run.min_lr)
             out, finite, n = train_step(s.ddp, itertools.islice(batches, run.accum_steps), s.opt, lr, s.scaler,
                                         run.precision, run.accum_steps, r['logit_scale_clamp'], fwd=s.fwd)
-            if n < run.accum_steps: break                       # the epoch's batches ran out
+            if n < run.accum_steps:                             # the epoch's batches ran out: count what no batch carried
+                state.count_skipped(loader.take_unreported()); break
             state.step += 1
             done = after_step(run, s, state, finite, out, meter, log, ckpt, cfg, stop, bar)
             if _stop_after and state.step >= _stop_after: return False
@@ -466,7 +473,7 @@ def _progress(total, initial, enabled):
 def train(
     method:str='declip',            # clip, declip, slip, filip, defilip (models.METHODS)
     train_data:str='synthetic',     # data spec: synthetic[:k=v,...], csv:PATH, tsv:PATH, jsonl:PATH[:ROOT], wds:PATTERN
-    eval_data:str=None,             # eval sets '[name=]spec[@templates] ...'; None = the training data's own (synthetic tasks; openclipart's val split; none for other data); '' = none
+    eval_data:str=None,             # eval sets '[name=]spec[@templates] ...'; None = the training data's own (synthetic tasks; openclipart's val split; csv/tsv/jsonl: retrieval on a held-out 2% of the images, 16..1000, none below 100; none for wds); '' = none
     image_encoder:str='vit-tiny',   # vit-tiny, resnet-tiny, vit-b32, rn50
     text_encoder:str='text-tiny',   # text-tiny, text-base
     image_size:int=None,            # None = the image encoder's size

@@ -84,8 +84,6 @@ def test_corrupt_only_shard_stops_with_the_cause(corrupt_only):
     assert not (out / 'checkpoints').exists()                                   # no checkpoint rewritten in a loop
 
 
-@pytest.mark.xfail(strict=True, reason="pending in nbs/09_train.ipynb: train_epochs must count loader.take_unreported() "
-                                       "when an epoch's batches run out (a stream consumer that delivered no batch)")
 def test_corrupt_only_shard_message_counts_the_bad_samples(corrupt_only):
     assert "bad samples so far: {'corrupt_shard': 1}" in corrupt_only[1]
 
