@@ -184,7 +184,7 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class TrainState:
-    "Where a run is: step, epoch, batch in the epoch, best evaluation, non-finite and skipped counts."
+    "Where a run is: step, epoch, batch in the epoch, best evaluation, non-finite and skipped counts, training time over every resume."
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
@@ -192,15 +192,20 @@ class TrainState:
     nonfinite_total: int = 0
     skipped: dict = field(default_factory=dict)
     nonfinite_in_a_row: int = 0
+    time_before: float = 0.                 # seconds the run spent in the processes before this one (from the checkpoint)
+    started: float = field(default_factory=time.time)
+
+    def train_time_s(self) -> float: return self.time_before + time.time() - self.started
 
     def state_dict(self) -> dict:
         return dict(step=self.step, epoch=self.epoch, batch_in_epoch=self.batch_in_epoch, best=self.best,
-                    nonfinite_total=self.nonfinite_total, skipped=dict(self.skipped))
+                    nonfinite_total=self.nonfinite_total, skipped=dict(self.skipped), train_time_s=self.train_time_s())
 
     def load_state_dict(self, d: dict, counts: bool = True):
         self.step, self.epoch, self.batch_in_epoch = d['step'], d['epoch'], d['batch_in_epoch']
         self.best, self.nonfinite_total = d.get('best'), d.get('nonfinite_total', 0)
         if counts: self.skipped = dict(d.get('skipped', {}))
+        self.time_before, self.started = float(d.get('train_time_s', 0.)), time.time()   # checkpoints before it: 0
 
     def count_skipped(self, counts: dict):
         for k, v in counts.items(): self.skipped[k] = self.skipped.get(k, 0) + int(v)
@@ -426,12 +431,12 @@ def finish_run(run, s, state, meter, log, ckpt, cfg) -> dict:
     _save(ckpt, s, state, cfg, best=not run.eval_sets)          # what was trained is on disk before the final evaluation
     res, improved = evaluate_run(run, s, state, log)
     if improved: _save(ckpt, s, state, cfg, best=True)
-    wall = time.time() - meter.started
+    wall = state.train_time_s()                 # the whole run's, over every resume (this process's: `segment_time_s`)
     per_epoch = s.schedule['steps_per_epoch']
     whole = per_epoch and state.batch_in_epoch >= per_epoch * run.accum_steps          # ended at the end of an epoch
     summary = dict(method=run.method, steps=state.step, epochs_done=state.epoch + bool(whole),
                    samples_seen=state.step * run.batch_size * s.world * run.accum_steps, wall_time_s=wall,
-                   samples_per_s=meter.samples / max(wall, 1e-9), skipped=sum_counts_over_ranks(state.skipped, s.world),
+                   segment_time_s=time.time() - meter.started, samples_per_s=state.step * run.batch_size * s.world * run.accum_steps / max(wall, 1e-9), skipped=sum_counts_over_ranks(state.skipped, s.world),
                    nonfinite=state.nonfinite_total, best=state.best, eval=res, peak_memory_mb=peak_memory_mb(s.device))
     if s.is_main:
         (run.output_dir / 'summary.json').write_text(json.dumps(summary, indent=2, default=str))
