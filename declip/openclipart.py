@@ -494,7 +494,7 @@ class OpenClipArt(Dataset):
     def __getitem__(self, i):
         r, caption = self.records[i], self.captions[i]
         if r['status'] != 'ok': raise BadSample(r['status'], r['paths'][0])
-        if isinstance(caption, BadSample): raise caption
+        if isinstance(caption, BadSample): raise BadSample(caption.reason, caption.detail)   # a fresh one: see below
         return load_image(self.image_path(i)), caption
     def __repr__(self): return self.source
 
