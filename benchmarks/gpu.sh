@@ -3,7 +3,8 @@
 #   CLIP and DeCLIP (and open_clip's CLIP for reference) with ViT-B/32 and RN50 at 224 px, batch 256, bf16 autocast,
 #   eager and torch.compile: samples/s, peak memory (max_memory_allocated), MFU from FlopCounterMode FLOPs of one
 #   step / step time / peak FLOP/s, host syncs per step. Results are appended to reports/performance.md (+ .csv),
-#   one block per run with the date and the device.
+#   one block per run with the date and the device. Then benchmarks/memory.py: peak memory of a large batch at once
+#   against accumulated micro-batches (cached features), and gradient checkpointing off / on.
 #
 #   bash benchmarks/gpu.sh                        # defaults below
 #   PEAK_FLOPS=312e12 bash benchmarks/gpu.sh      # A100 dense bf16; H100/H200 SXM dense bf16 is 989e12
@@ -31,4 +32,8 @@ timeout --signal=INT --kill-after=15 "$COMPILE_LIMIT" "$PY" benchmarks/step.py "
     --compile both --reps 10 --warmup 3 --audit off --section gpu-compile \
     --deadline_s "$COMPILE_DEADLINE" "$@" || echo "compile run stopped: status $?"
 
-echo "== done: blocks 'gpu-eager' and 'gpu-compile' of the report named above (default reports/performance.md)"
+echo "== memory: ViT-B/32 DeCLIP and CLIP, batch 512 at once vs 128 x accum_steps 4 (cached features), checkpointing off/on"
+timeout --signal=INT --kill-after=15 "${MEMORY_LIMIT:-120}" "$PY" benchmarks/memory.py --device cuda --arch vit-b32 --precision bf16 \
+    --batch "${MEMORY_BATCH:-512}" --accum 4 --threads 8 || echo "memory run stopped: status $?"
+
+echo "== done: blocks 'gpu-eager', 'gpu-compile' and 'memory.py arch=vit-b32 device=cuda' of reports/performance.md"

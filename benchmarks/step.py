@@ -44,7 +44,8 @@ ARCHS = {
 OPEN_CLIP_TINY = dict(embed_dim=256,
                       vision_cfg=dict(image_size=64, layers=4, width=192, head_width=64, patch_size=8),
                       text_cfg=dict(context_length=32, vocab_size=49409, width=128, heads=4, layers=3))
-METHODS = ('open_clip', 'clip', 'declip', 'slip', 'filip', 'defilip')
+METHODS = ('open_clip', 'clip', 'declip', 'slip', 'filip', 'defilip', 'siglip', 'clip/pd0.5', 'declip/pd0.5')
+# 'M/pdP': method M with patch dropout P (FLIP: that fraction of the ViT's patch tokens dropped in training; ViT archs only)
 LR, WD = 1e-4, 0.1          # values do not matter for speed; kept small so repeated steps stay finite
 
 
@@ -154,6 +155,8 @@ class Case:
         # optimizer ('trainer' = declip.step.make_optimizer, 'fused', 'default' = torch's choice), channels_last
         # for convnets (the trainer's default), batch keys to leave out
         self.pkg, self.optimizer, self.channels_last, self.drop_keys = pkg, optimizer, channels_last, tuple(drop_keys)
+        self.base, _, pd = method.partition('/pd')                  # the method record, and the patch dropout of a variant
+        self.patch_dropout = float(pd or 0)
         self.label = label or (method + (' +compile' if compiled else '') + ('' if sync_check else ' (no .item)'))
         self.walls, self.cpus, self.row = [], [], {}
 
@@ -176,8 +179,9 @@ class Case:
         torch.manual_seed(0)
         if self.method == 'open_clip': self._build_open_clip()
         else:
-            m = models.create_model(self.method, image_encoder=a['image_encoder'], text_encoder=a['text_encoder'],
-                                    image_size=a['image_size'], context_length=a['context_length']).to(dev)
+            m = models.create_model(self.base, image_encoder=a['image_encoder'], text_encoder=a['text_encoder'],
+                                    image_size=a['image_size'], context_length=a['context_length'],
+                                    **({'patch_dropout': self.patch_dropout} if self.patch_dropout else {})).to(dev)
             if m.visual.is_convnet and self.channels_last: m.visual.to(memory_format=torch.channels_last)   # as the trainer does
             m.train()
             b = models.random_batch(m, a['batch'])
@@ -219,7 +223,7 @@ class Case:
         from declip.step import train_step, clamp_logit_scale
         if self.method != 'open_clip' and self.sync_check:     # declip: the trainer's step itself
             train_step(self.model, [self.batch], self.opt, LR, precision=self.precision,
-                       logit_scale_clamp=METHODS[self.method].logit_scale_clamp, fwd=self.fwd)
+                       logit_scale_clamp=METHODS[self.base].logit_scale_clamp, fwd=self.fwd)
             return
         # open_clip's train_one_epoch body; or (sync_check=False) the trainer's step without its per-step .item()
         with self.autocast(): loss = self.forward_loss()
@@ -227,7 +231,7 @@ class Case:
         self.opt.step(); self.opt.zero_grad(set_to_none=True)
         if self.method == 'open_clip':
             with torch.no_grad(): self.model.logit_scale.clamp_(0, math.log(100))
-        else: clamp_logit_scale(self.model, METHODS[self.method].logit_scale_clamp)
+        else: clamp_logit_scale(self.model, METHODS[self.base].logit_scale_clamp)
 
     def fwd_bwd(self):
         with self.autocast(): loss = self.forward_loss()
@@ -381,7 +385,8 @@ def run(args, progress=None):
         if args.context_length: a['context_length'] = args.context_length
         reps = args.reps or (10 if cuda else ((2 if big else 3) if args.quick else (3 if big else 7)))
         warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
-        arch_methods = [m for m in methods if not (quick_big and big) or m in ('open_clip', 'clip', 'declip')]
+        arch_methods = [m for m in methods if (not (quick_big and big) or m in ('open_clip', 'clip', 'declip'))
+                        and not ('/pd' in m and ARCHS[arch]['image_encoder'] == 'rn50')]     # no patches to drop in a ResNet
         specs = [(m, c, True) for c in compiled for m in arch_methods]
         if args.sync_variant: specs += [(m, c, False) for c in compiled for m in ('clip', 'declip') if m in arch_methods]
         if args.no_sync_check: specs = [(m, c, False) for m, c, _ in specs]

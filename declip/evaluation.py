@@ -105,7 +105,7 @@ def encode_texts(model, texts: Sequence[str], tokenizer=None, device=None, batch
     tokenizer, device = resolve_tokenizer(model, tokenizer), device or model_device(model)
     texts, out = list(texts), []
     with eval_mode(model):
-        for i in tqdm(range(0, len(texts), batch_size), disable=not progress, desc='texts'):
+        for i in tqdm(range(0, len(texts), batch_size), disable=not progress, leave=False, desc='texts'):
             tokens = tokenizer(texts[i:i + batch_size]).to(device)
             emb = model.encode_text(tokens, normalize=normalize).float()
             out.append((F.normalize(emb, dim=-1) if normalize else emb).cpu())
@@ -117,7 +117,8 @@ def extract_features(model, dataset, transform: Callable | None = None, batch_si
     device, transform = device or model_device(model), resolve_transform(model, transform)
     feats, labels = [], []
     with eval_mode(model):
-        for images, y in tqdm(image_batches(dataset, transform, batch_size, workers, skipped), disable=not progress, desc='images'):
+        for images, y in tqdm(image_batches(dataset, transform, batch_size, workers, skipped), disable=not progress, leave=False, desc='images',
+                            total=-(-len(dataset) // batch_size)):
             emb = model.encode_image(images.to(device), normalize=normalize).float()
             feats.append((F.normalize(emb, dim=-1) if normalize else emb).cpu()); labels.append(y)
     if not feats: raise ValueError(f'extract_features: dataset {dataset!r} is empty' + (f' ({len(skipped)} unreadable images)' if skipped else ''))
@@ -226,7 +227,7 @@ def filip_class_embeddings(model, classnames: Sequence[str], templates: Sequence
     prompts = [(c, t.replace('{}', name)) for c, name in enumerate(classnames) for t in templates]
     total = count = None
     with eval_mode(model):
-        for i in tqdm(range(0, len(prompts), batch_size), disable=not progress, desc='class prompts'):
+        for i in tqdm(range(0, len(prompts), batch_size), disable=not progress, leave=False, desc='class prompts'):
             chunk = prompts[i:i + batch_size]
             tokens, valid = model.encode_text_dense(tokenizer([t for _, t in chunk]).to(device))
             keep = torch.ones_like(valid) if padding else valid
@@ -264,7 +265,8 @@ def filip_zero_shot_eval(model, dataset, tokenizer=None, transform: Callable | N
     class_tokens, class_valid = filip_class_embeddings(model, dataset.classnames, templates, tokenizer, device, batch_size, padding, progress)
     logits, labels, bad = [], [], []
     with eval_mode(model):
-        for images, y in tqdm(image_batches(dataset, transform, batch_size, workers, bad), disable=not progress, desc='images'):
+        for images, y in tqdm(image_batches(dataset, transform, batch_size, workers, bad), disable=not progress, leave=False, desc='images',
+                            total=-(-len(dataset) // batch_size)):
             v = model.encode_image_dense(images.to(device)).float()
             logits.append(filip_scores(v, class_tokens, None if class_valid.all() else class_valid).cpu()); labels.append(y)
     if not logits: raise ValueError(f'filip_zero_shot_eval: dataset {dataset!r} is empty')
@@ -318,7 +320,8 @@ def filip_retrieval_eval(model, dataset, tokenizer=None, transform: Callable | N
     bad = []                                                  # unreadable images: left out (with their captions) and counted
     with eval_mode(model):
         v = [model.encode_image_dense(x.to(device)).float().cpu()
-             for x, _ in tqdm(image_batches(dataset, transform, batch_size, workers, bad), disable=not progress, desc='images')]
+             for x, _ in tqdm(image_batches(dataset, transform, batch_size, workers, bad), disable=not progress, leave=False, desc='images',
+                            total=-(-len(dataset) // batch_size))]
         lost = set(bad)
         kept = [caps for i, caps in enumerate(dataset.captions) if i not in lost]
         texts = [c for caps in kept for c in caps]

@@ -6,7 +6,7 @@
 __all__ = ['SWITCHES', 'ALIASES', 'LEGACY_DEFAULTS', 'RETIRED_FIELDS', 'METHODS', 'PRESETS', 'RECIPES', 'ModelConfig',
            'canonical_switches', 'Method', 'parse_image_views', 'model_config', 'DeCLIP', 'real_tokens',
            'contrastive_term', 'multi_view_term', 'simsiam_term', 'mlm_term', 'nearest_neighbour_term', 'simclr_term',
-           'token_wise_term', 'active_terms', 'weighted_total', 'create_model', 'random_batch']
+           'token_wise_term', 'sigmoid_term', 'active_terms', 'weighted_total', 'create_model', 'random_batch']
 
 # %% ../nbs/07_models.ipynb #16cb95f9
 import math, copy, warnings
@@ -17,7 +17,7 @@ from .text import VOCAB_SIZE, get_tokenizer
 from .transforms import VIEW_KINDS, MOCOV2_KINDS
 from .encoders import ImageEncoder, TextEncoder, IMAGE_ENCODERS, TEXT_ENCODERS
 from .losses import (clip_loss, SimSiamHead, simsiam_loss, mlm_loss, SimCLRHead, nt_xent_loss,
-                           filip_loss, NNQueue, nn_loss)
+                           filip_loss, NNQueue, nn_loss, siglip_loss)
 
 # %% ../nbs/07_models.ipynb #492186da
 def _switch(default, help: str):
@@ -40,6 +40,9 @@ class ModelConfig:
     nearest_neighbour: bool = _switch(False, "nearest-neighbour supervision: the queue's nearest text as an extra positive (alias: nn)")
     simclr: bool = _switch(False, "SLIP's SimCLR between two augmented views")
     filip: bool = _switch(False, "FILIP's token-wise contrastive loss")
+    siglip: bool = _switch(False, "SigLIP's pairwise sigmoid loss between image view 1 and the caption, with a learnable bias")
+    logit_bias_init: float = -10.         # SigLIP's bias at the start
+    patch_dropout: float = _switch(0.0, 'FLIP patch dropout: the fraction of ViT patch tokens dropped in training (none in eval mode)')
     weights: dict = field(default_factory=lambda: dict(clip=1.0))
     contrastive_text: str = _switch('clean', "caption of the contrastive loss and the queue: 'mlm' (official quirk 9.3) or 'clean'")
     mlm_causal: bool = _switch(True, 'MLM through the causal text encoder (official quirk 9.3); false: a bidirectional pass')
@@ -119,8 +122,10 @@ METHODS = {m.name: m for m in [
     Method('filip', dict(image_views=('mocov2',), filip=True, contrastive_text='mlm', logit_scale_max=None),
            dict(clip=0.0, filip=1.0), lr=5e-4, base_lr=1e-4, weight_decay=0.5, scoring='filip', relative_cost=1.2),
     Method('defilip', dict(_DECLIP, filip=True), dict(clip=0.4, nn=0.2, simsiam=0.2, mlm=0.2, filip=0.2), lr=1e-3,
-           base_lr=1e-4, weight_decay=0.1, relative_cost=2.6)]}
-"The five methods (official configs, reference section 4)."
+           base_lr=1e-4, weight_decay=0.1, relative_cost=2.6),
+    Method('siglip', dict(image_views=('standard',), siglip=True, logit_scale_init=math.log(10), logit_scale_max=None),
+           dict(clip=0.0, siglip=1.0), lr=1e-3, base_lr=1e-4, weight_decay=0.1, logit_scale_clamp=(0., math.log(100)))]}
+"The five methods of the official code (reference section 4), and SigLIP beyond it."
 
 PRESETS = {k: dict(copy.deepcopy(m.switches), weights=dict(m.weights)) for k, m in METHODS.items()}
 RECIPES = {k: m.recipe for k, m in METHODS.items()}
@@ -165,12 +170,13 @@ class DeCLIP(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.visual = ImageEncoder(cfg.image_encoder, image_size=cfg.image_size, embed_dim=cfg.embed_dim,
-                                   freeze_patch_embed=cfg.freeze_patch_embed)
+                                   freeze_patch_embed=cfg.freeze_patch_embed, patch_dropout=cfg.patch_dropout)
         D = self.embed_dim = self.visual.embed_dim
         self.image_size = self.visual.image_size
         self._bn_tower = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.visual.modules())
         self.text = TextEncoder(cfg.text_encoder, embed_dim=D, context_length=cfg.context_length)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
+        if cfg.siglip: self.logit_bias = nn.Parameter(torch.tensor(float(cfg.logit_bias_init)))
         if cfg.image_ssl: self.simsiam = SimSiamHead(D, cfg.simsiam_hidden, cfg.simsiam_pred_hidden)
         if cfg.text_ssl: self.mlm_head = nn.Linear(self.text.width, VOCAB_SIZE)
         if cfg.nearest_neighbour: self.nn_queue = NNQueue(cfg.nn_queue_size, D, random_init=cfg.nn_random_init)
@@ -197,13 +203,21 @@ class DeCLIP(nn.Module):
 
     def forward(self, batch):
         "Named losses, the weighted total and diagnostics for a batch dict of the data pipeline."
-        f = self.encode_batch(batch)
+        return self.compose(self.encode_batch(batch), batch)
+
+    def compose(self, features: dict, batch: dict) -> dict:
+        "The switched-on terms over the encoded `features` of `batch`, weighted: {loss, losses, metrics}."
+        f = dict(features, scale=self.scale())
         losses, metrics = {}, {}
         for name, term in active_terms(self.cfg):
             losses[name], m = term(self, f, batch)
             metrics.update(m)
         metrics['logit_scale'] = f['scale'].detach()
         return dict(loss=weighted_total(losses, self.cfg.weights), losses=losses, metrics=metrics)
+
+    def set_grad_checkpointing(self, enable: bool = True):
+        "Gradient checkpointing in both towers (`encoders.run_blocks`): activations recomputed in the backward."
+        self.visual.set_grad_checkpointing(enable); self.text.set_grad_checkpointing(enable)
 
 # %% ../nbs/07_models.ipynb #da560e22
 @patch
@@ -264,7 +278,7 @@ def encode_batch(self:DeCLIP, batch) -> dict:
     "The features every switched-on term needs, from one pass of each tower (see above)."
     images = batch['images']
     if images.dim() == 4: images = images[:, None]
-    f = dict(scale=self.scale(), **self._encode_texts(batch, images.shape[0]))
+    f = self._encode_texts(batch, images.shape[0])
     f.update(self._encode_images(images))
     if self.cfg.text_ssl and not self.cfg.mlm_causal: f['mlm_tokens'] = self.text(batch['text_mlm'], causal=False)[1]
     return f
@@ -337,13 +351,18 @@ def token_wise_term(m, f, batch):
                       m.cfg.filip_top_k, valid)
     return loss, dict(logit_scale_dense=m.logit_scale_dense.detach().exp())
 
+def sigmoid_term(m, f, batch):
+    "SigLIP's pairwise sigmoid loss between image view 1 and the caption; metric: its bias."
+    return siglip_loss(f['images'][0], f['text'], f['scale'], m.logit_bias), dict(logit_bias=m.logit_bias.detach())
+
 # %% ../nbs/07_models.ipynb #aefc2969
 def active_terms(cfg) -> list:
     "(weight name, term) for every supervision `cfg` switches on."
     on = [('simclr', simclr_term, cfg.simclr),
           ('clip', multi_view_term if cfg.multi_view else contrastive_term, True),
           ('simsiam', simsiam_term, cfg.image_ssl), ('mlm', mlm_term, cfg.text_ssl),
-          ('nn', nearest_neighbour_term, cfg.nearest_neighbour), ('filip', token_wise_term, cfg.filip)]
+          ('nn', nearest_neighbour_term, cfg.nearest_neighbour), ('filip', token_wise_term, cfg.filip),
+          ('siglip', sigmoid_term, cfg.siglip)]
     return [(name, term) for name, term, used in on if used]
 
 def weighted_total(losses: dict, weights: dict):

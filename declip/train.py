@@ -266,6 +266,7 @@ def setup_run(run: RunConfig, state: TrainState, ckpt: Checkpointer) -> Setup:
     seed_all(run.seed)
     model = DeCLIP(run.model).to(dev)
     if model.visual.is_convnet: model.visual.to(memory_format=torch.channels_last)
+    if run.grad_checkpointing: model.set_grad_checkpointing(True)
     if run.sync_bn and world > 1: model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     opt = make_optimizer(model, run.recipe['lr'], run.recipe['weight_decay'], dev)
     scaler = torch.amp.GradScaler(dev.type, enabled=run.precision == 'fp16')
@@ -298,7 +299,10 @@ def start_run(run: RunConfig, s: Setup, log: MetricsLog, state: TrainState) -> d
         (run.output_dir / 'config.json').write_text(json.dumps(cfg, indent=2, default=str))
     s.ddp = s.model
     if s.world > 1:
-        s.ddp = torch.nn.parallel.DistributedDataParallel(s.model, device_ids=[s.device.index] if s.device.type == 'cuda' else None)
+        # broadcast_buffers=False: each rank keeps its own nearest-neighbour queue (official) and batch-norm statistics;
+        # DDP's default would overwrite them with rank 0's at every forward
+        s.ddp = torch.nn.parallel.DistributedDataParallel(s.model, device_ids=[s.device.index] if s.device.type == 'cuda' else None,
+                                                          broadcast_buffers=False)
     s.fwd = torch.compile(s.ddp) if run.compile else s.ddp
     return cfg
 
@@ -367,7 +371,8 @@ def primary_score(res: dict) -> float:
 def evaluate_run(run: RunConfig, s: Setup, state: TrainState, log: MetricsLog) -> tuple[dict, bool]:
     "Evaluate on rank 0 with the method's scoring, log it; (results, whether it is the best so far)."
     if not (run.eval_sets and s.is_main): return {}, False
-    res = evaluate_sets(unwrap(s.model), run.eval_sets, s.device, run.precision, scoring=zero_shot_scoring(unwrap(s.model), run.method))
+    res = evaluate_sets(unwrap(s.model), run.eval_sets, s.device, run.precision, scoring=zero_shot_scoring(unwrap(s.model), run.method),
+                        progress=run.progress)
     log.write(dict(type='eval', step=state.step, epoch=state.epoch, **{f"{k}/{m}": v for k, d in res.items() for m, v in d.items()}))
     return res, state.record_score(primary_score(res))
 
@@ -476,7 +481,7 @@ def _progress(total, initial, enabled):
 
 # %% ../nbs/09_train.ipynb #6f5d9acf
 def train(
-    method:str='declip',            # clip, declip, slip, filip, defilip (models.METHODS)
+    method:str='declip',            # clip, declip, slip, filip, defilip, siglip (models.METHODS)
     train_data:str='synthetic',     # data spec: synthetic[:k=v,...], csv:PATH, tsv:PATH, jsonl:PATH[:ROOT], wds:PATTERN
     eval_data:str=None,             # eval sets '[name=]spec[@templates] ...'; None = the training data's own (synthetic tasks; openclipart's val split; csv/tsv/jsonl: retrieval on a held-out 2% of the images, 16..1000, none below 100; none for wds); '' = none
     image_encoder:str='vit-tiny',   # vit-tiny, resnet-tiny, vit-b32, rn50
@@ -492,8 +497,9 @@ def train(
     min_lr:float=0.,                # end of the cosine
     weight_decay:float=None,        # None = the method's
     precision:str='fp32',           # fp32, bf16 (autocast), fp16 (autocast + GradScaler)
-    accum_steps:int=1,              # gradient accumulation: global batch = batch_size x world_size x accum_steps
+    accum_steps:int=1,              # micro-batches per step, one contrastive batch (cached features): global batch = batch_size x world_size x accum_steps
     compile:bool_arg=False,         # torch.compile the model
+    grad_checkpointing:bool_arg=False,  # recompute the towers' activations in the backward: less memory, about one more forward
     workers:int=2,                  # DataLoader workers per process
     seed:int=0,                     # seeds the model's initialisation, the data order and the augmentations
     output_dir:str='runs/declip',   # the run folder: config.json, metrics.jsonl, summary.json, curves.png, checkpoints/
@@ -550,7 +556,7 @@ def _train(run: RunConfig, _stop_after=None):
 def _switch_type(name):
     "The flag type of switch `name`, from its `ModelConfig` field."
     kind = ModelConfig.__dataclass_fields__[name].type
-    return bool_arg if kind is bool else int if kind in (int, int | None) else str     # image_views: 'a,b'
+    return bool_arg if kind is bool else int if kind in (int, int | None) else float if kind is float else str     # image_views: 'a,b'
 
 
 def train_parser() -> argparse.ArgumentParser:

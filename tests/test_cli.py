@@ -3,7 +3,7 @@
 Each run is a separate process on the CPU with one thread: the `clip` preset with the tiny encoders, 32-pixel images
 and the embedded synthetic data.
 """
-import configparser, importlib, subprocess, sys
+import configparser, importlib, re, subprocess, sys
 from pathlib import Path
 
 import torch
@@ -34,8 +34,11 @@ def test_console_scripts_are_registered():
 def test_train_ends_with_a_closing_summary_then_export_and_refused_resume(workdir):
     "A tiny run prints where it is, how much it trained, its final evaluation and its checkpoints; its export loads but cannot resume."
     out = workdir / 'run'
-    p = run_ok(train_args(output_dir=out, **dict(TINY, eval_data=EVAL)), timeout=240)
+    p = run_ok(train_args(output_dir=out, **dict(TINY, eval_data=EVAL, progress=True)), timeout=240)
     said = p.stdout
+    bars = p.stderr.replace('\r', '\n')                             # tqdm redraws its lines with carriage returns
+    assert 'train: 100%' in bars, bars[-2000:]
+    assert re.search(r'images: +\d+%\|', bars) and re.search(r'texts: +\d+%\|', bars), bars[-2000:]   # evaluation shows its progress
     assert said.startswith('declip-train: finished clip: 4 steps ('), said
     assert '32 samples in ' in said and f'output folder: {out}' in said
     rows = {l.split()[0]: l.split()[1:] for l in said.splitlines() if l.startswith('    ')}
