@@ -371,10 +371,20 @@ def _process_picture(p: dict, images: Path, max_side: int, max_pixels: int) -> d
     rec.update(size=list(picture.size), ahash=average_hash(small), colour=colour_signature(small), blank=is_blank(small))
     return rec
 
+def _carried_cache(root, cache, max_side) -> PreparedOpenClipArt | None:
+    "A complete prepared cache for `root` (current version and size) when the package itself is absent, e.g. on a lent GPU machine."
+    root = os.path.realpath(root if root is not None else OPENCLIPART_ROOT)
+    folder = openclipart_cache_dir(root, cache, max_side)
+    m = _complete_manifest(folder, dict(version=PREPARE_VERSION, root=root, max_side=max_side))
+    return PreparedOpenClipArt(folder, m, False) if m and (folder / 'images').is_dir() else None
+
 def prepare_openclipart(root=None, cache=None, max_side: int = 128, progress: bool = True,
                         max_pixels: int = 200_000_000) -> PreparedOpenClipArt:
     "Build (once) the cache of pictures on white, the index and the splits; returns at once when it is complete."
-    root = find_openclipart(root)
+    try: root = find_openclipart(root)
+    except FileNotFoundError:                           # no package here: a complete cache carried from another machine will do
+        if (carried := _carried_cache(root, cache, max_side)): return carried
+        raise
     real_root, n_png = os.path.realpath(root), _count_pngs(root)
     if isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 16: raise ValueError(f'max_side must be an integer >= 16, got {max_side!r}')
     folder = openclipart_cache_dir(root, cache, max_side)
