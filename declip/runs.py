@@ -269,14 +269,22 @@ class RunDirLocked(FileExistsError):
     "The run folder is locked by another live process."
 
 class RunLock:
-    "An exclusive `flock` on `run_dir/.lock` while held; inherited (not taken again) where `DECLIP_RUN_LOCK` names the folder."
-    ENV, _held = 'DECLIP_RUN_LOCK', set()            # _held: the folders this process holds
+    "An exclusive `flock` on `run_dir/.lock` while held, by this process only (forks drop it); inherited where `DECLIP_RUN_LOCK` names the folder."
+    ENV, _held = 'DECLIP_RUN_LOCK', {}               # _held: folder -> descriptor, the locks this process holds
     def __init__(self, run_dir): self.dir, self._fd = Path(run_dir), None
 
     @classmethod
     def env(cls, run_dir) -> dict:
         "The environment entry a parent holding the lock gives the child that trains in `run_dir`."
         return {cls.ENV: str(Path(run_dir).resolve())}
+
+    @classmethod
+    def _after_fork(cls):
+        "In a forked child: close the copies of the parent's lock files, so that the locks die with the parent."
+        for fd in cls._held.values():
+            try: os.close(fd)
+            except OSError: pass
+        cls._held = {}
 
     def _inherited(self) -> bool: return os.environ.get(self.ENV) == str(self.dir.resolve())
 
@@ -301,13 +309,15 @@ class RunLock:
         fd = os.open(self.dir / '.lock', os.O_RDWR | os.O_CREAT, 0o644)
         self._flock(fd)
         os.ftruncate(fd, 0); os.write(fd, f'{os.getpid()}\n'.encode()); self._fd = fd
-        self._held.add(str(self.dir.resolve()))
+        self._held[str(self.dir.resolve())] = fd
         return self
 
     def release(self):
-        if self._fd is not None: os.close(self._fd); self._fd = None; self._held.discard(str(self.dir.resolve()))
+        if self._fd is not None: os.close(self._fd); self._fd = None; self._held.pop(str(self.dir.resolve()), None)
     def __enter__(self): return self.acquire()
     def __exit__(self, *exc): self.release()
+
+os.register_at_fork(after_in_child=RunLock._after_fork)
 
 
 # %% ../nbs/06a_runs.ipynb #bf5700c6
