@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, VIEW_KINDS, eval_transform, view_transform
+from .device_views import crop_view, finish_views
 from .text import EDA, get_tokenizer, mask_tokens
 from .datasets import (BadSample, ClassificationSet, CsvImageText, JsonlImageText, RetrievalSet, HeldOutSplit,
                              WebDatasetImageText, count_images, expand_shard_patterns, image_folder)
@@ -22,12 +23,12 @@ from .synthetic import SyntheticImageText, synthetic_eval_sets
 from .openclipart import OpenClipArt, openclipart_eval_sets
 
 # %% auto #0
-__all__ = ['DATA_KINDS', 'DATA_SPEC_FORMS', 'REPLACE_TRIES', 'HOLDOUT_KINDS', 'HOLDOUT_SHARE', 'HOLDOUT_MIN', 'HOLDOUT_MAX',
-           'HOLDOUT_MIN_IMAGES', 'DataSpec', 'parse_data_spec', 'ClassCaptionData', 'open_train_data', 'open_eval_data',
-           'default_eval_data', 'Skipped', 'key_to_index', 'sample_seeds', 'shuffle_seed', 'SamplePipeline',
-           'replacement_indices', 'TrainData', 'TrainStream', 'collate', 'EpochSampler', 'TrainLoader',
-           'reader_defaults', 'make_train_loader', 'EvalImages', 'make_eval_loader', 'holdout_size', 'spec_with',
-           'DataPlan', 'default_data']
+__all__ = ['DATA_KINDS', 'DATA_SPEC_FORMS', 'VIEW_DEVICES', 'REPLACE_TRIES', 'HOLDOUT_KINDS', 'HOLDOUT_SHARE', 'HOLDOUT_MIN',
+           'HOLDOUT_MAX', 'HOLDOUT_MIN_IMAGES', 'DataSpec', 'parse_data_spec', 'ClassCaptionData', 'open_train_data',
+           'open_eval_data', 'default_eval_data', 'Skipped', 'key_to_index', 'sample_seeds', 'shuffle_seed',
+           'SamplePipeline', 'replacement_indices', 'TrainData', 'TrainStream', 'collate', 'finish_batch',
+           'EpochSampler', 'TrainLoader', 'reader_defaults', 'make_train_loader', 'EvalImages', 'make_eval_loader',
+           'holdout_size', 'spec_with', 'DataPlan', 'default_data']
 
 # %% ../nbs/04_pipeline.ipynb #3f5abc12
 DATA_KINDS = ('synthetic', 'csv', 'tsv', 'jsonl', 'wds', 'imagefolder', 'openclipart')
@@ -213,18 +214,22 @@ def shuffle_seed(seed: int, epoch: int) -> int:
     return _derived_seeds(_SHUFFLE_STREAM, 1, seed=seed, epoch=epoch)[0]
 
 # %% ../nbs/04_pipeline.ipynb #023a7ad7
+VIEW_DEVICES = ('worker', 'device')     # where a view's pixel work after the crop runs
+
 class SamplePipeline:
     "One `(image, caption)` -> views, tokens, EDA tokens, MLM tokens; randomness from `(seed, epoch, index)` only."
     def __init__(self, image_views=('mocov2', 'mocov2'), image_size: int = 64, text_aug: bool = True, mlm: bool = True,
                  context_length: int = 77, seed: int = 0, mean=IMAGENET_MEAN, std=IMAGENET_STD, mlm_prob: float = 0.15,
-                 eda: EDA | None = None, tokenizer=None):
+                 eda: EDA | None = None, tokenizer=None, view_device: str = 'worker'):
         image_views = (image_views,) if isinstance(image_views, str) else tuple(image_views)
         bad = [k for k in image_views if k not in VIEW_KINDS]
         if not image_views or bad: raise ValueError(f'image_views must be a non-empty sequence of {VIEW_KINDS}, got {image_views!r}')
         if int(seed) < 0: raise ValueError(f'seed must be >= 0, got {seed}')
+        if view_device not in VIEW_DEVICES: raise ValueError(f'view_device must be one of {VIEW_DEVICES}, got {view_device!r}')
         self.image_views, self.image_size, self.text_aug, self.mlm = image_views, image_size, bool(text_aug), bool(mlm)
         self.context_length, self.seed, self.mlm_prob = context_length, int(seed), mlm_prob
         self.views = [view_transform(k, image_size, mean, std) for k in image_views]
+        self.mean, self.std, self.view_device = tuple(mean), tuple(std), view_device
         self.tokenizer = tokenizer or get_tokenizer(context_length)
         self.eda = (eda or EDA()) if self.text_aug else None
 
@@ -240,18 +245,23 @@ class SamplePipeline:
         if image is None: return Skipped('missing_file', index)
         if not isinstance(caption, str) or not caption.strip(): return Skipped('empty_caption', index)
         g_image, g_mlm, rng_eda = self.random_streams(index, epoch)
-        try: images = torch.stack([view(image, g_image) for view in self.views])
+        try:
+            drawn = [view.sample_params(g_image, *image.size) for view in self.views]   # the draws of `view(image, g_image)`
+            if self.view_device == 'worker': extra = dict(images=torch.stack([v.apply(image, d) for v, d in zip(self.views, drawn)]))
+            else:                                             # crops as uint8 and the draws; `finish_batch` does the rest
+                crops, packed = zip(*(crop_view(v, image, d) for v, d in zip(self.views, drawn)))
+                extra = dict(images=torch.stack(crops), view_params=torch.stack(packed))
         except (OSError, ValueError, SyntaxError):           # lazily decoded images can fail here
             return Skipped('corrupt_image', index)
         text = self.tokenizer(caption)[0]
-        sample = dict(images=images, text=text, index=index)
+        sample = dict(extra, text=text, index=index)
         if self.text_aug: sample['text_aug'] = self.tokenizer(self.eda(caption, rng_eda) or caption)[0]
         if self.mlm: sample['text_mlm'], sample['mlm_labels'] = mask_tokens(text, self.mlm_prob, generator=g_mlm)
         return sample
 
     def __repr__(self):
         return (f'SamplePipeline(image_views={self.image_views}, image_size={self.image_size}, text_aug={self.text_aug}, '
-                f'mlm={self.mlm}, context_length={self.context_length}, seed={self.seed})')
+                f'mlm={self.mlm}, context_length={self.context_length}, seed={self.seed}, view_device={self.view_device!r})')
 
 # %% ../nbs/04_pipeline.ipynb #a69079a2
 REPLACE_TRIES = 256     # draws for a bad sample's stand-in: with 91% of the samples bad, all 256 bad has p ~ 3e-11
@@ -359,6 +369,13 @@ def collate(samples: list) -> dict:
     batch['skipped'] = dict(skipped)
     return batch
 
+def finish_batch(batch: dict, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> dict:
+    "The batch with its views finished where its tensors are (uint8 crops + `view_params` -> normalised float views); a worker-finished batch as it is."
+    if 'view_params' not in batch: return batch
+    images, params = batch['images'], batch['view_params']
+    views = finish_views(images.flatten(0, 1), params.flatten(0, 1), mean, std).view(images.shape)
+    return {k: v for k, v in batch.items() if k != 'view_params'} | dict(images=views)
+
 
 # %% ../nbs/04_pipeline.ipynb #deb2e69e
 class EpochSampler(Sampler):
@@ -396,6 +413,11 @@ class TrainLoader(DataLoader):
         if isinstance(self.dataset, TrainStream): self.dataset.set_epoch(epoch, start_batch)
         else: self.dataset.set_epoch(epoch); self.sampler.set_epoch(epoch, start_batch)
 
+    def finish_batch(self, batch: dict) -> dict:
+        "`finish_batch` with this loader's normalisation: call it on the training device (a no-op for views finished in the workers)."
+        p = self.dataset.pipeline
+        return finish_batch(batch, p.mean, p.std)
+
     def take_unreported(self) -> dict:
         "Skip counts no batch carried (a stream consumer that delivered no batch), since the last call; call after an epoch."
         return self.dataset.take_unreported() if isinstance(self.dataset, TrainStream) else {}
@@ -419,7 +441,7 @@ def make_train_loader(spec: str | DataSpec | Dataset | IterableDataset, batch_si
                       epoch: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = True, start_batch: int = 0,
                       shuffle: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD, mlm_prob: float = 0.15,
                       pin_memory: bool | None = None, prefetch_factor: int | None = None, eda: EDA | None = None,
-                      replace_bad: bool = True) -> TrainLoader:
+                      replace_bad: bool = True, view_device: str = 'worker') -> TrainLoader:
     "A train `DataLoader` over the source `spec` (or a reader it opened), yielding the batch dicts of `collate`; deterministic for any `workers`."
     for name, v, low in (('batch_size', batch_size, 1), ('workers', workers, 0), ('seed', seed, 0), ('epoch', epoch, 0),
                          ('world_size', world_size, 1), ('start_batch', start_batch, 0)):
@@ -431,7 +453,7 @@ def make_train_loader(spec: str | DataSpec | Dataset | IterableDataset, batch_si
     else:
         spec = parse_data_spec(spec)
         reader, name = open_train_data(spec, **reader_defaults(spec, image_size, rank, world_size, epoch, seed)), spec.spec
-    pipeline = SamplePipeline(image_views, image_size, text_aug, mlm, context_length, seed, mean, std, mlm_prob, eda)
+    pipeline = SamplePipeline(image_views, image_size, text_aug, mlm, context_length, seed, mean, std, mlm_prob, eda, view_device=view_device)
     loader_args = dict(batch_size=batch_size, drop_last=drop_last, num_workers=workers, collate_fn=collate,
                        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
                        prefetch_factor=prefetch_factor if workers > 0 else None,

@@ -78,12 +78,16 @@ class MoCoV2View:
         flip = _rand(generator) < self.p_flip
         return dict(crop=crop, jitter=jitter, grayscale=grayscale, blur=blur, flip=flip)
 
-    def apply(self, image: Image.Image, params: dict) -> torch.Tensor:
-        "The pixel work of one view with the draws in `params`."
+    def crop(self, image: Image.Image, params: dict) -> Image.Image:
+        "The view's crop, resized to `image_size` (antialiased): the part of `apply` that needs the whole image."
         if image.mode != 'RGB': image = image.convert('RGB')
         top, left, h, w = params['crop']
-        image = TF.resized_crop(image, top, left, h, w, [self.image_size, self.image_size],
-                                InterpolationMode.BILINEAR, antialias=True)
+        return TF.resized_crop(image, top, left, h, w, [self.image_size, self.image_size],
+                               InterpolationMode.BILINEAR, antialias=True)
+
+    def apply(self, image: Image.Image, params: dict) -> torch.Tensor:
+        "The pixel work of one view with the draws in `params`."
+        image = self.crop(image, params)
         if params['jitter'] is not None:
             order, factors = params['jitter']
             adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
@@ -105,12 +109,14 @@ class StandardView:
     def sample_params(self, generator: torch.Generator, width: int, height: int) -> dict:
         "The random crop of one view."
         return dict(crop=random_resized_crop_params(generator, width, height, self.scale, self.ratio))
+    def crop(self, image: Image.Image, params: dict) -> Image.Image:
+        "The crop, resized to `image_size` (antialiased)."
+        if image.mode != 'RGB': image = image.convert('RGB')
+        return TF.resized_crop(image, *params['crop'], [self.image_size, self.image_size],
+                               InterpolationMode.BILINEAR, antialias=True)
     def apply(self, image: Image.Image, params: dict) -> torch.Tensor:
         "Crop, resize to `image_size` and normalise."
-        if image.mode != 'RGB': image = image.convert('RGB')
-        image = TF.resized_crop(image, *params['crop'], [self.image_size, self.image_size],
-                                InterpolationMode.BILINEAR, antialias=True)
-        return TF.normalize(TF.to_tensor(image), self.mean, self.std)
+        return TF.normalize(TF.to_tensor(self.crop(image, params)), self.mean, self.std)
     def __call__(self, image: Image.Image, generator: torch.Generator) -> torch.Tensor:
         return self.apply(image, self.sample_params(generator, *image.size))
 
@@ -120,11 +126,16 @@ class OneCropView:
         self.image_size = _check_size(image_size)
         self.resize_size = round(image_size * 256 / 224)
         self.mean, self.std = list(mean), list(std)
-    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample_params(self, generator=None, width: int = 0, height: int = 0) -> dict: return {}    # nothing random
+    def crop(self, image: Image.Image, params: dict | None = None) -> Image.Image:
+        "Resize the shorter side, centre-crop `image_size`."
         if image.mode != 'RGB': image = image.convert('RGB')
-        image = TF.center_crop(TF.resize(image, self.resize_size, InterpolationMode.BILINEAR, antialias=True),
-                               [self.image_size, self.image_size])
-        return TF.normalize(TF.to_tensor(image), self.mean, self.std)
+        return TF.center_crop(TF.resize(image, self.resize_size, InterpolationMode.BILINEAR, antialias=True),
+                              [self.image_size, self.image_size])
+    def apply(self, image: Image.Image, params: dict | None = None) -> torch.Tensor:
+        return TF.normalize(TF.to_tensor(self.crop(image)), self.mean, self.std)
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.apply(image)
 
 # %% ../nbs/01_transforms.ipynb #7e0e46f1
 _VIEWS = {   # kind -> (recipe, options): MOCOV2 with one family of operations off for the augmentation study
