@@ -4,7 +4,8 @@
 #   eager and torch.compile: samples/s, peak memory (max_memory_allocated), MFU from FlopCounterMode FLOPs of one
 #   step / step time / peak FLOP/s, host syncs per step. Results are appended to reports/performance.md (+ .csv),
 #   one block per run with the date and the device. Then benchmarks/memory.py: peak memory of a large batch at once
-#   against accumulated micro-batches (cached features), and gradient checkpointing off / on.
+#   against accumulated micro-batches (cached features), and gradient checkpointing off / on. Then benchmarks/pipeline.py:
+#   one worker's samples/s with views finished in the worker or on the device, and the device stage timed on the GPU.
 #
 #   bash benchmarks/gpu.sh                        # defaults below
 #   PEAK_FLOPS=312e12 bash benchmarks/gpu.sh      # A100 dense bf16; H100/H200 SXM dense bf16 is 989e12
@@ -36,4 +37,8 @@ echo "== memory: ViT-B/32 DeCLIP and CLIP, batch 512 at once vs 128 x accum_step
 timeout --signal=INT --kill-after=15 "${MEMORY_LIMIT:-120}" "$PY" benchmarks/memory.py --device cuda --arch vit-b32 --precision bf16 \
     --batch "${MEMORY_BATCH:-512}" --accum 4 --threads 8 || echo "memory run stopped: status $?"
 
-echo "== done: blocks 'gpu-eager', 'gpu-compile' and 'memory.py arch=vit-b32 device=cuda' of reports/performance.md"
+echo "== data pipeline: one worker's rate at 224 px (views in the worker / on the device), the device stage on the GPU"
+timeout --signal=INT --kill-after=15 "${PIPELINE_LIMIT:-240}" "$PY" benchmarks/pipeline.py --device cuda --stage_reps 10 \
+    || echo "pipeline run stopped: status $?"
+
+echo "== done: blocks 'gpu-eager', 'gpu-compile', 'memory.py arch=vit-b32 device=cuda' and 'pipeline.py device=cuda' of reports/performance.md"

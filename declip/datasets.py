@@ -35,8 +35,8 @@ def to_rgb(im: Image.Image) -> Image.Image:
     top = 1. if im.mode == 'F' and a.max(initial=0) <= 1 else 255. if a.max(initial=0) <= 255 else 65535. if a.max() <= 65535 else a.max()
     return Image.fromarray(np.clip(np.rint(a * (255. / top)), 0, 255).astype(np.uint8)).convert('RGB')
 
-def load_image(path_or_bytes) -> Image.Image:
-    "Open an image from a path, raw bytes or a PIL image as RGB; raise `BadSample('missing_file'|'corrupt_image')`."
+def load_image(path_or_bytes, lazy_jpeg: bool = False) -> Image.Image:
+    "Open an image from a path, raw bytes or a PIL image as RGB; raise `BadSample('missing_file'|'corrupt_image')`. `lazy_jpeg`: a JPEG comes back opened, not decoded (see below)."
     if isinstance(path_or_bytes, Image.Image): return to_rgb(path_or_bytes)
     if isinstance(path_or_bytes, (bytes, bytearray, memoryview)): src, name = io.BytesIO(bytes(path_or_bytes)), '<bytes>'
     else:
@@ -45,7 +45,9 @@ def load_image(path_or_bytes) -> Image.Image:
         if not os.path.isfile(name): raise BadSample('missing_file', name)
         src = name
     try:
-        with Image.open(src) as im: return to_rgb(im)
+        im = Image.open(src)
+        if lazy_jpeg and im.format == 'JPEG' and im.mode in ('RGB', 'L', 'CMYK'): return im    # decoded when first used
+        with im: return to_rgb(im)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
         raise BadSample('corrupt_image', f'{name}: {e}') from None
 
@@ -155,10 +157,11 @@ def _missing_columns(path, header: list, sep: str, image_key: str, caption_key: 
 # %% ../nbs/02_datasets.ipynb #2c7ee5cc
 class CsvImageText(Dataset):
     "Image-text pairs from a CSV/TSV manifest; `__getitem__(i) -> (PIL.Image RGB, caption)` or raises `BadSample`."
-    def __init__(self, path, image_key: str = CSV_KEY_DEFAULTS['image_key'], caption_key: str = CSV_KEY_DEFAULTS['caption_key'], sep: str | None = None, reject_cjk: bool = False):
+    def __init__(self, path, image_key: str = CSV_KEY_DEFAULTS['image_key'], caption_key: str = CSV_KEY_DEFAULTS['caption_key'], sep: str | None = None, reject_cjk: bool = False,
+                 lazy_jpeg: bool = False):
         path = _require_file(path, 'CSV/TSV manifest')
         sep = sep or ('\t' if path.suffix.lower() in ('.tsv', '.tab') else ',')
-        root, self.reject_cjk = str(path.parent), reject_cjk
+        root, self.reject_cjk, self.lazy_jpeg = str(path.parent), reject_cjk, lazy_jpeg
         self.root = root                                              # relative paths resolve here
         self.paths, self.captions, self.malformed, examples = [], [], 0, []
         with open(path, newline='', encoding='utf-8', errors='surrogateescape') as f:
@@ -185,7 +188,7 @@ class CsvImageText(Dataset):
     def __len__(self): return len(self.paths)
     def __getitem__(self, i):
         caption = clean_caption(self.captions[i], self.reject_cjk)   # cheap check first: no decode for a bad caption
-        return load_image(self.paths[i]), caption
+        return load_image(self.paths[i], self.lazy_jpeg), caption
     def __repr__(self): return self.source
     def to_retrieval_set(self, rows=None, source: str | None = None) -> RetrievalSet:
         "The manifest (or its `rows`) as a retrieval set: rows grouped by image path."
@@ -214,11 +217,11 @@ class _StringTable:
 # %% ../nbs/02_datasets.ipynb #a6ac7b28
 class JsonlImageText(Dataset):
     "Image-text pairs from official DeCLIP JSON-lines meta; `__getitem__(i) -> (PIL.Image RGB, first caption)` or raises `BadSample`."
-    def __init__(self, path, root=None, reject_cjk: bool = False):
+    def __init__(self, path, root=None, reject_cjk: bool = False, lazy_jpeg: bool = False):
         path = _require_file(path, 'JSON-lines meta file')
         if root is not None and not Path(root).is_dir(): raise FileNotFoundError(f'image root folder not found: {root} (for {path})')
         root = str(root) if root is not None else str(path.parent)
-        self.root, self.reject_cjk = root, reject_cjk
+        self.root, self.reject_cjk, self.lazy_jpeg = root, reject_cjk, lazy_jpeg
         self.paths, self.captions, self.malformed_lines = [], [], []
         with open(path, encoding='utf-8', errors='surrogateescape') as f:
             for n, line in enumerate(f, 1):
@@ -239,7 +242,7 @@ class JsonlImageText(Dataset):
     def __getitem__(self, i):
         caps = self.captions[i]
         caption = clean_caption(caps[0] if caps else None, self.reject_cjk)
-        return load_image(self.paths[i]), caption
+        return load_image(self.paths[i], self.lazy_jpeg), caption
     def __repr__(self): return self.source
     def to_retrieval_set(self, rows=None, source: str | None = None) -> RetrievalSet:
         "The meta (or its `rows`) as a retrieval set: all captions of each image."
@@ -414,13 +417,13 @@ def _shuffled(items, size: int, rng: random.Random):
         yield buffer[j]; buffer[j] = item
     rng.shuffle(buffer); yield from buffer
 
-def _decode_sample(key, image, caption, reject_cjk: bool):
+def _decode_sample(key, image, caption, reject_cjk: bool, lazy_jpeg: bool = False):
     "Raw sample -> (key, PIL RGB, clean caption), or (key, BadSample, None)."
     if isinstance(image, BadSample): return key, image, None
     try:
         caption = clean_caption(caption, reject_cjk)
         if image is None: raise BadSample('missing_file', f'{key}: no {"/".join(WDS_IMAGE_EXTS)} member')
-        return key, load_image(image), caption
+        return key, load_image(image, lazy_jpeg), caption
     except BadSample as e:
         return key, BadSample(e.reason, f'{key}: {e.detail}'), None
 
@@ -429,7 +432,7 @@ class WebDatasetImageText(IterableDataset):
     "Stream `(key, PIL.Image | BadSample, caption | None)` from webdataset tar shards, split by rank and DataLoader worker."
     def __init__(self, pattern, shuffle_shards: bool = True, resampled: bool = False, num_samples: int | None = None,
                  seed: int = 0, shuffle_buffer: int = 0, rank: int | None = None, world_size: int | None = None,
-                 epoch: int = 0, reject_cjk: bool = False):
+                 epoch: int = 0, reject_cjk: bool = False, lazy_jpeg: bool = False):
         expanded = expand_shard_patterns(pattern)
         self.shards = [s for s in expanded if os.path.isfile(s)]
         missing = [s for s in expanded if not os.path.isfile(s)]
@@ -439,6 +442,7 @@ class WebDatasetImageText(IterableDataset):
         self.rank, self.world_size = _dist_rank_world(rank, world_size)
         if not 0 <= self.rank < self.world_size: raise ValueError(f'rank {self.rank} not in [0, world_size={self.world_size})')
         self.shuffle_shards, self.resampled, self.seed, self.shuffle_buffer, self.reject_cjk = shuffle_shards, resampled, seed, shuffle_buffer, reject_cjk
+        self.lazy_jpeg = lazy_jpeg
         self.num_samples = num_samples if num_samples is not None else _count_from_metadata(self.shards)
         self._epoch = _SharedEpoch(epoch)
         self.source = f'wds:{pattern} ({len(self.shards)} shards, rank {self.rank}/{self.world_size})'
@@ -474,7 +478,7 @@ class WebDatasetImageText(IterableDataset):
             raw = (sample for shard in shards for sample in _tar_samples(shard))
         if self.shuffle_buffer > 1: raw = _shuffled(raw, self.shuffle_buffer, rng)
         for key, image, caption in itertools.islice(raw, limit):
-            yield _decode_sample(key, image, caption, self.reject_cjk)
+            yield _decode_sample(key, image, caption, self.reject_cjk, self.lazy_jpeg)
 
     def _resampled_raw(self, rng: random.Random):
         "Shards drawn with replacement, forever; stops if the shards hold no samples at all."

@@ -37,18 +37,18 @@ def pil_box_blur_weights(sigma: float) -> tuple[int, int, int]:
 
 def pack_view_params(params: dict) -> torch.Tensor:
     "The draws of one view (`sample_params` of any view kind) as a float64 vector over `VIEW_PARAMS` (zeros: not applied)."
-    v = torch.zeros(len(VIEW_PARAMS), dtype=torch.float64)
+    v = [0.] * len(VIEW_PARAMS)                          # a list, one tensor at the end: this runs twice per sample in a worker
     if params.get('jitter') is not None:
         order, (b, c, s, h) = params['jitter']
         v[_P['jitter']] = 1.
-        v[_P['order0']:_P['order0'] + 4] = torch.tensor(order, dtype=torch.float64)
+        v[_P['order0']:_P['order0'] + 4] = order
         v[_P['brightness']], v[_P['contrast']], v[_P['saturation']] = b, c, s
         v[_P['hue_shift']] = int(np.int32(h * 255).astype(np.uint8))      # torchvision's PIL adjust_hue
     v[_P['grayscale']] = float(bool(params.get('grayscale')))
     if params.get('blur') is not None:
         v[_P['blur_radius']], v[_P['blur_ww']], v[_P['blur_fw']] = pil_box_blur_weights(params['blur'])
     v[_P['flip']] = float(bool(params.get('flip')))
-    return v
+    return torch.tensor(v, dtype=torch.float64)
 
 # %% ../nbs/01a_device_views.ipynb #218e99e8
 def pil_luma(x: torch.Tensor) -> torch.Tensor:
@@ -99,19 +99,26 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return torch.where((us == 0)[:, None], v[:, None], out).to(x.dtype)
 
 # %% ../nbs/01a_device_views.ipynb #3dfe53df
-def _box_pass(x: torch.Tensor, r: int, ww: torch.Tensor, fw: torch.Tensor, dim: int) -> torch.Tensor:
-    "One pass of Pillow's fractional box along `dim` (int64, edges extended): inner taps `ww`, the two outer `fw`, 24-bit fixed point."
+def _box_pass(x: torch.Tensor, r: int, w: tuple, dim: int) -> torch.Tensor:
+    """One pass of Pillow's fractional box along `dim` (int32, edges extended): `(acc ww + far fw + 2^23) >> 24`, with
+    `acc` the 2r+1 inner pixels and `far` the two outer ones. The products reach 2^32, so each weight is split in
+    12-bit halves (`w` = ww_hi, ww_lo, fw_hi, fw_lo) and the sum is formed as `(A + (B >> 12)) >> 12`: exact in int32."""
     n, pad = x.shape[dim], r + 1
-    xp = x.index_select(dim, torch.arange(-pad, n + pad, device=x.device).clamp(0, n - 1))
+    ends = [x.narrow(dim, 0, 1)] * pad, [x.narrow(dim, n - 1, 1)] * pad
+    xp = torch.cat([*ends[0], x, *ends[1]], dim)
     acc = sum(xp.narrow(dim, pad + j, n) for j in range(-r, r + 1))
-    return (acc * ww + (xp.narrow(dim, 0, n) + xp.narrow(dim, 2 * pad, n)) * fw + (1 << 23)) >> 24
+    far = xp.narrow(dim, 0, n) + xp.narrow(dim, 2 * pad, n)
+    hi = acc * w[0] + far * w[2]
+    lo = acc * w[1] + far * w[3] + (1 << 23)
+    return (hi + (lo >> 12)) >> 12
 
 def gaussian_blur(x: torch.Tensor, r: int, ww: torch.Tensor, fw: torch.Tensor) -> torch.Tensor:
     "Pillow's `GaussianBlur`: three box passes along the width, then three along the height, each rounded to 8 bits."
-    xi = x.to(torch.int64)
-    ww, fw = ww.to(torch.int64)[:, None, None, None], fw.to(torch.int64)[:, None, None, None]
+    xi = x.to(torch.int32)
+    ww, fw = (v.to(torch.int32)[:, None, None, None] for v in (ww, fw))
+    w = (ww >> 12, ww & 4095, fw >> 12, fw & 4095)
     for dim in (3, 2):
-        for _ in range(3): xi = _box_pass(xi, r, ww, fw, dim)
+        for _ in range(3): xi = _box_pass(xi, r, w, dim)
     return xi.to(x.dtype)
 
 # %% ../nbs/01a_device_views.ipynb #f9bcf7d2
@@ -123,7 +130,7 @@ def _jitter(x, p, op: int):
     return (adjust_brightness, adjust_contrast, adjust_saturation)[op](x, f)
 
 def finish_views(images: torch.Tensor, params: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    "uint8 crops `[N, 3, S, S]` and their packed draws `[N, len(VIEW_PARAMS)]` -> normalised float32 views, as `apply` makes them."
+    "uint8 crops `[N, 3, S, S]` (any memory layout) and their packed draws `[N, len(VIEW_PARAMS)]` -> normalised float32 views `[N, 3, S, S]`, as `apply` makes them."
     if images.dtype != torch.uint8: raise TypeError(f'finish_views takes uint8 crops, got {images.dtype}')
     x, p = images.to(torch.float32), params.to(images.device, torch.float64)
     jit = p[:, _P['jitter']] > 0
@@ -139,8 +146,8 @@ def finish_views(images: torch.Tensor, params: torch.Tensor, mean=IMAGENET_MEAN,
     x = torch.where((p[:, _P['flip']] > 0)[:, None, None, None], x.flip(-1), x)
     m = torch.as_tensor(mean, dtype=torch.float32, device=x.device)[:, None, None]
     s = torch.as_tensor(std, dtype=torch.float32, device=x.device)[:, None, None]
-    return x.div(255).sub(m).div(s)
+    return x.div(255).sub(m).div(s).contiguous()
 
 def crop_view(view, image: Image.Image, params: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    "The worker's part of a view: (uint8 crop `[3, S, S]`, packed draws)."
-    return TF.pil_to_tensor(view.crop(image, params)), pack_view_params(params)
+    "The worker's part of a view: (uint8 crop `[S, S, 3]`, channels last as Pillow holds it: no transpose in the worker; packed draws)."
+    return torch.from_numpy(np.array(view.crop(image, params))), pack_view_params(params)   # a writable copy

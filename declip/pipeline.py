@@ -26,7 +26,7 @@ from .openclipart import OpenClipArt, openclipart_eval_sets
 __all__ = ['DATA_KINDS', 'DATA_SPEC_FORMS', 'VIEW_DEVICES', 'REPLACE_TRIES', 'HOLDOUT_KINDS', 'HOLDOUT_SHARE', 'HOLDOUT_MIN',
            'HOLDOUT_MAX', 'HOLDOUT_MIN_IMAGES', 'DataSpec', 'parse_data_spec', 'ClassCaptionData', 'open_train_data',
            'open_eval_data', 'default_eval_data', 'Skipped', 'key_to_index', 'sample_seeds', 'shuffle_seed',
-           'SamplePipeline', 'replacement_indices', 'TrainData', 'TrainStream', 'collate', 'finish_batch',
+           'draft_jpeg', 'SamplePipeline', 'replacement_indices', 'TrainData', 'TrainStream', 'collate', 'finish_batch',
            'EpochSampler', 'TrainLoader', 'reader_defaults', 'make_train_loader', 'EvalImages', 'make_eval_loader',
            'holdout_size', 'spec_with', 'DataPlan', 'default_data']
 
@@ -134,7 +134,7 @@ def open_train_data(spec: str | DataSpec, **defaults) -> Dataset | IterableDatas
                                   also_known=inspect.signature(synthetic_eval_sets).parameters)
     if spec.kind == 'wds':
         _require_shards(spec)
-        return _call_with_options(WebDatasetImageText, spec, spec.options, {'pattern': spec.path, **defaults},
+        return _call_with_options(WebDatasetImageText, spec, spec.options, {'pattern': spec.path, 'lazy_jpeg': True, **defaults},
                                   reserved=('pattern', 'rank', 'world_size', 'epoch'))
     if spec.kind == 'openclipart':
         return _call_with_options(OpenClipArt, spec, spec.options, {'root': spec.path}, reserved=('root',),
@@ -142,21 +142,21 @@ def open_train_data(spec: str | DataSpec, **defaults) -> Dataset | IterableDatas
     if spec.kind == 'imagefolder':
         _require(spec.path, 'image folder', spec, folder=True)
         return ClassCaptionData(_call_with_options(image_folder, spec, spec.options, {'path': spec.path}, reserved=('path',)))
-    return _open_pairs(spec, 'train')
+    return _open_pairs(spec, 'train', lazy_jpeg=True)      # JPEGs decoded by the pipeline, at the scale its crops need
 
 _SPLIT_OPTIONS = ('holdout', 'split')
 
-def _open_pairs(spec: DataSpec, side: str) -> Dataset:
+def _open_pairs(spec: DataSpec, side: str, lazy_jpeg: bool = False) -> Dataset:
     "A csv / tsv / jsonl reader, or one side of it when the spec holds images out (`holdout=`; `split=` names the side, else `side`)."
     _require(spec.path, {'csv': 'CSV manifest', 'tsv': 'TSV manifest', 'jsonl': 'JSON-lines meta file'}[spec.kind], spec)
     options = {k: v for k, v in spec.options.items() if k not in _SPLIT_OPTIONS}
     if spec.kind == 'jsonl':
         if spec.root is not None: _require(spec.root, 'image root folder', spec, folder=True)
-        reader = _call_with_options(JsonlImageText, spec, options, {'path': spec.path, 'root': spec.root},
+        reader = _call_with_options(JsonlImageText, spec, options, {'path': spec.path, 'root': spec.root, 'lazy_jpeg': lazy_jpeg},
                                     reserved=('path', 'root'), also_known=_SPLIT_OPTIONS)
     else:
         fixed = {'path': spec.path} | ({'sep': '\t'} if spec.kind == 'tsv' else {})
-        reader = _call_with_options(CsvImageText, spec, options, fixed, reserved=('path',), also_known=_SPLIT_OPTIONS)
+        reader = _call_with_options(CsvImageText, spec, options, fixed | {'lazy_jpeg': lazy_jpeg}, reserved=('path',), also_known=_SPLIT_OPTIONS)
     if 'holdout' not in spec.options:
         if 'split' in spec.options: raise ValueError(f'data spec {spec.spec!r}: split= needs holdout= (how many images are held out, or what fraction)')
         return reader
@@ -216,11 +216,30 @@ def shuffle_seed(seed: int, epoch: int) -> int:
 # %% ../nbs/04_pipeline.ipynb #023a7ad7
 VIEW_DEVICES = ('worker', 'device')     # where a view's pixel work after the crop runs
 
+def draft_jpeg(image, drawn: list[dict], image_size: int):
+    """A JPEG not decoded yet is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, PIL's `draft`) when every view's
+    crop keeps at least `image_size` pixels on its shorter side at that scale; the crops are scaled to match.
+    Returns (image, draws); anything else is returned as it is."""
+    if getattr(image, 'format', None) != 'JPEG' or not getattr(image, 'tile', None): return image, drawn
+    W, H = image.size
+    need = [min(d['crop'][2:]) / image_size if 'crop' in d else min(W, H) / round(image_size * 256 / 224) for d in drawn]
+    scale = next((k for k in (8, 4, 2) if k <= min(need)), 1)
+    if scale == 1: return image, drawn
+    image.draft('RGB' if image.mode == 'RGB' else image.mode, (math.ceil(W / scale), math.ceil(H / scale)))
+    w2, h2 = image.size
+    if (w2, h2) == (W, H): return image, drawn
+    def shrink(d):
+        if 'crop' not in d: return d
+        top, left, h, w = d['crop']
+        h, w = max(1, min(h2, round(h * h2 / H))), max(1, min(w2, round(w * w2 / W)))
+        return dict(d, crop=(min(round(top * h2 / H), h2 - h), min(round(left * w2 / W), w2 - w), h, w))
+    return image, [shrink(d) for d in drawn]
+
 class SamplePipeline:
     "One `(image, caption)` -> views, tokens, EDA tokens, MLM tokens; randomness from `(seed, epoch, index)` only."
     def __init__(self, image_views=('mocov2', 'mocov2'), image_size: int = 64, text_aug: bool = True, mlm: bool = True,
                  context_length: int = 77, seed: int = 0, mean=IMAGENET_MEAN, std=IMAGENET_STD, mlm_prob: float = 0.15,
-                 eda: EDA | None = None, tokenizer=None, view_device: str = 'worker'):
+                 eda: EDA | None = None, tokenizer=None, view_device: str = 'worker', jpeg_draft: bool = True):
         image_views = (image_views,) if isinstance(image_views, str) else tuple(image_views)
         bad = [k for k in image_views if k not in VIEW_KINDS]
         if not image_views or bad: raise ValueError(f'image_views must be a non-empty sequence of {VIEW_KINDS}, got {image_views!r}')
@@ -229,7 +248,7 @@ class SamplePipeline:
         self.image_views, self.image_size, self.text_aug, self.mlm = image_views, image_size, bool(text_aug), bool(mlm)
         self.context_length, self.seed, self.mlm_prob = context_length, int(seed), mlm_prob
         self.views = [view_transform(k, image_size, mean, std) for k in image_views]
-        self.mean, self.std, self.view_device = tuple(mean), tuple(std), view_device
+        self.mean, self.std, self.view_device, self.jpeg_draft = tuple(mean), tuple(std), view_device, bool(jpeg_draft)
         self.tokenizer = tokenizer or get_tokenizer(context_length)
         self.eda = (eda or EDA()) if self.text_aug else None
 
@@ -247,6 +266,7 @@ class SamplePipeline:
         g_image, g_mlm, rng_eda = self.random_streams(index, epoch)
         try:
             drawn = [view.sample_params(g_image, *image.size) for view in self.views]   # the draws of `view(image, g_image)`
+            if self.jpeg_draft: image, drawn = draft_jpeg(image, drawn, self.image_size)
             if self.view_device == 'worker': extra = dict(images=torch.stack([v.apply(image, d) for v, d in zip(self.views, drawn)]))
             else:                                             # crops as uint8 and the draws; `finish_batch` does the rest
                 crops, packed = zip(*(crop_view(v, image, d) for v, d in zip(self.views, drawn)))
@@ -261,7 +281,7 @@ class SamplePipeline:
 
     def __repr__(self):
         return (f'SamplePipeline(image_views={self.image_views}, image_size={self.image_size}, text_aug={self.text_aug}, '
-                f'mlm={self.mlm}, context_length={self.context_length}, seed={self.seed}, view_device={self.view_device!r})')
+                f'mlm={self.mlm}, context_length={self.context_length}, seed={self.seed}, view_device={self.view_device!r}, jpeg_draft={self.jpeg_draft})')
 
 # %% ../nbs/04_pipeline.ipynb #a69079a2
 REPLACE_TRIES = 256     # draws for a bad sample's stand-in: with 91% of the samples bad, all 256 bad has p ~ 3e-11
@@ -372,8 +392,9 @@ def collate(samples: list) -> dict:
 def finish_batch(batch: dict, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> dict:
     "The batch with its views finished where its tensors are (uint8 crops + `view_params` -> normalised float views); a worker-finished batch as it is."
     if 'view_params' not in batch: return batch
-    images, params = batch['images'], batch['view_params']
-    views = finish_views(images.flatten(0, 1), params.flatten(0, 1), mean, std).view(images.shape)
+    images, params = batch['images'], batch['view_params']           # [B, V, S, S, 3] uint8, [B, V, P]
+    B, V, S, S2, C = images.shape
+    views = finish_views(images.flatten(0, 1).permute(0, 3, 1, 2), params.flatten(0, 1), mean, std).view(B, V, C, S, S2)
     return {k: v for k, v in batch.items() if k != 'view_params'} | dict(images=views)
 
 

@@ -102,13 +102,16 @@ def test_training_two_processes_equal_one(workdir):
     EpochSampler shuffles the epoch with a (seed, epoch) permutation and gives rank r every 2nd index from r, so at
     step b the two ranks' batches together hold exactly perm[16 b : 16 (b + 1)], the 1-process batch (in another
     order, which the mean contrastive loss does not see); per-sample augmentations depend on (seed, epoch, index)
-    only. The preset is `clip`: no batch norm, whose per-device statistics differ by design.
+    only. The preset is `clip`: no batch norm, whose per-device statistics differ by design. The 2-process run
+    finishes its views on the device (`view_device='device'`), the 1-process run in the workers.
     """
     one, two = workdir / 'one', workdir / 'two'
     run_ok(train_args(output_dir=one, batch_size=16, **COMMON), timeout=180)
-    run_ok(TORCHRUN + train_args(output_dir=two, batch_size=8, **COMMON), timeout=240)
+    run_ok(TORCHRUN + train_args(output_dir=two, batch_size=8, view_device='device', **COMMON), timeout=240)
     _assert_same_training(one, two, global_batch=16)
-    assert load_ckpt(two / 'checkpoints' / 'last.pt')['config']['environment']['world_size'] == 2
+    cfg = load_ckpt(two / 'checkpoints' / 'last.pt')['config']
+    assert cfg['environment']['world_size'] == 2
+    assert cfg['resolved']['view_device'] == 'device'      # views finished on the device (uint8 crops sent) on both ranks
 
 
 @pytest.mark.parametrize('method', ['clip', 'declip'])
