@@ -5,7 +5,8 @@
 #   step / step time / peak FLOP/s, host syncs per step. Results are appended to reports/performance.md (+ .csv),
 #   one block per run with the date and the device. Then benchmarks/memory.py: peak memory of a large batch at once
 #   against accumulated micro-batches (cached features), and gradient checkpointing off / on. Then benchmarks/pipeline.py:
-#   one worker's samples/s with views finished in the worker or on the device, and the device stage timed on the GPU.
+#   one worker's samples/s with views finished in the worker or on the device, and the device stage timed on the GPU;
+#   then real DeCLIP training steps fed by real loaders both ways (samples/s, share of the run waiting for data).
 #
 #   bash benchmarks/gpu.sh                        # defaults below
 #   PEAK_FLOPS=312e12 bash benchmarks/gpu.sh      # A100 dense bf16; H100/H200 SXM dense bf16 is 989e12
@@ -41,4 +42,8 @@ echo "== data pipeline: one worker's rate at 224 px (views in the worker / on th
 timeout --signal=INT --kill-after=15 "${PIPELINE_LIMIT:-240}" "$PY" benchmarks/pipeline.py --device cuda --stage_reps 10 \
     || echo "pipeline run stopped: status $?"
 
-echo "== done: blocks 'gpu-eager', 'gpu-compile', 'memory.py arch=vit-b32 device=cuda' and 'pipeline.py device=cuda' of reports/performance.md"
+echo "== end to end: DeCLIP ViT-B/32 steps fed by real loaders (256-px JPEGs), views in the worker vs on the device"
+timeout --signal=INT --kill-after=15 "${E2E_LIMIT:-300}" "$PY" benchmarks/pipeline.py --end_to_end --device cuda \
+    --workers "${WORKERS:-$(( $(nproc) - 2 ))}" || echo "end-to-end run stopped: status $?"
+
+echo "== done: blocks 'gpu-eager', 'gpu-compile', 'memory.py arch=vit-b32 device=cuda', 'pipeline.py device=cuda' and 'pipeline.py end-to-end device=cuda' of reports/performance.md"

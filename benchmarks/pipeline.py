@@ -3,6 +3,7 @@
 
     python benchmarks/pipeline.py                 # CPU, ~3 min: writes the 'pipeline.py' block of reports/performance.md
     python benchmarks/pipeline.py --device cuda   # also times the device stage on the GPU (benchmarks/gpu.sh)
+    python benchmarks/pipeline.py --end_to_end --device cuda --workers 14   # real training steps fed by real loaders
 
 The benchmark writes its own JPEGs (no download): 1/f-noise colour pictures, whose detail, and so whose decoding cost,
 is like a photograph's, not like a flat drawing's. Two sets:
@@ -17,6 +18,10 @@ reader and `TrainData` (file read, decode, views, tokens) and the CPU seconds pe
 (`time.process_time`). The configurations run in interleaved rounds and the median round is kept, so the ratios
 compare measurements made side by side. Decoding alone is timed the same way. The device stage (`finish_batch` on
 a batch of 256 DeCLIP samples) is timed on the CPU, and on CUDA with `--device cuda`.
+
+`--end_to_end` trains instead (`declip-train`, DeCLIP ViT-B/32 + text-base at 224 px, bf16, on the 256-px JPEGs,
+`--workers` DataLoader workers) once with `--view_device worker` and once with `device`, and reports the steps'
+samples/s (median of the logged intervals after the first two) and the share of the run spent waiting for data.
 
 Workers per GPU = the target rate (4,000 DeCLIP samples/s, a ViT-B/32 DeCLIP step on an H100/H200 at 30-40 % MFU,
 reports/performance.md) / one worker's rate, rounded up; one worker is one CPU core.
@@ -165,6 +170,35 @@ def report(args, sets, res) -> str:
     return '\n'.join(L) + '\n'
 
 
+def end_to_end(args) -> str:
+    "Train with real loaders, views in the worker and on the device: samples/s and the share of time waiting for data."
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        sets = write_jpegs(Path(tmp), args.e2e_images, 0)
+        for vd in ('worker', 'device'):
+            out = Path(tmp) / f'run-{vd}'
+            cmd = ['declip-train', '--method', 'declip', '--train_data', f"csv:{sets['256']['csv']}", '--eval_data', '',
+                   '--workers', str(args.workers), '--view_device', vd, '--device', args.device, '--progress', 'false',
+                   '--output_dir', str(out), '--log_every', str(args.e2e_log_every)] + args.e2e_args.split()
+            t = time.time()
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            if p.returncode: raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
+            recs = [json.loads(l) for l in open(out / 'metrics.jsonl') if l.strip()]
+            train = [r for r in recs if r['type'] == 'train']
+            summ = json.loads((out / 'summary.json').read_text())
+            rate = statistics.median([r['samples_per_s'] for r in train[2:]] or [summ['samples_per_s']])
+            wait = train[-1]['data_wait_s'] / max(summ['wall_time_s'], 1e-9) if train else float('nan')
+            rows.append((vd, rate, wait, summ['steps'], time.time() - t))
+    L = [f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, git {git_commit()}, device {args.device}, "
+         f"{os.cpu_count()} cores, {args.workers} DataLoader workers, {args.e2e_images} JPEGs of 341x256 (q95).",
+         f"Command: `python benchmarks/pipeline.py {' '.join(sys.argv[1:])}`; each run: `declip-train --method declip "
+         f"--train_data csv:... --workers {args.workers} --view_device V --device {args.device} {args.e2e_args}`", '',
+         '| views finished in | steps | samples/s (median interval after the first two) | share of the run waiting for data | run s |',
+         '|---|---|---|---|---|']
+    L += [f"| {vd} | {n} | {r:.0f} | {w:.0%} | {d:.0f} |" for vd, r, w, n, d in rows]
+    return '\n'.join(L) + '\n'
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--device', default='cpu', choices=('cpu', 'cuda'), help='cuda: also time the device stage on the GPU')
@@ -179,8 +213,22 @@ def main(argv=None):
     p.add_argument('--stage_reps', type=int, default=3)
     p.add_argument('--stage_threads', type=int, default=1, help='torch threads for the CPU device stage')
     p.add_argument('--report', default=str(ROOT / 'reports' / 'performance.md'), help="'' = print only")
+    p.add_argument('--end_to_end', action='store_true', help='train with real loaders (views in the worker / on the device) instead')
+    p.add_argument('--workers', type=int, default=max(1, (os.cpu_count() or 2) - 2), help='end to end: DataLoader workers')
+    p.add_argument('--e2e_images', type=int, default=2048, help='end to end: 256-px JPEGs written')
+    p.add_argument('--e2e_log_every', type=int, default=5)
+    p.add_argument('--e2e_args', default='--image_encoder vit-b32 --text_encoder text-base --image_size 224 --context_length 77 '
+                                         '--batch_size 256 --precision bf16 --max_steps 40',
+                   help='end to end: the rest of the declip-train command')
     args = p.parse_args(argv)
     args.methods = args.methods.split(',')
+    if args.end_to_end:
+        block = end_to_end(args); print(block)
+        if args.report:
+            section = f"end-to-end device={args.device}"
+            write_block(Path(args.report), f"<!-- BEGIN pipeline.py {section} -->", f"<!-- END pipeline.py {section} -->",
+                        "### Training steps fed by real loaders: views in the worker or on the device (`benchmarks/pipeline.py --end_to_end`)\n\n" + block, 'replace')
+        return
     with tempfile.TemporaryDirectory() as tmp:
         sets = write_jpegs(Path(tmp), args.images, args.large_images)
         res = measure(args, sets)
