@@ -66,7 +66,8 @@ def equal_batches(batch: dict, world: int, device) -> dict | None:
         t = torch.tensor([n], device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         m = int(t)
-        if m < n: batch = {k: (v[:m] if torch.is_tensor(v) and v.dim() > 0 and len(v) == n else v) for k, v in batch.items()}
+        if m < n: batch = {k: (v[:m] if (torch.is_tensor(v) and v.dim() > 0 or isinstance(v, list)) and len(v) == n else v)
+                           for k, v in batch.items()}
         n = m
     return batch if n >= 2 else None
 

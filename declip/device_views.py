@@ -8,13 +8,14 @@ import math
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
+import torch.nn.functional as F
 from PIL import Image
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 # %% auto #0
 __all__ = ['VIEW_PARAMS', 'pil_box_blur_weights', 'pack_view_params', 'pil_luma', 'pil_blend', 'adjust_brightness',
            'adjust_contrast', 'adjust_saturation', 'grayscale', 'adjust_hue', 'gaussian_blur', 'finish_views',
-           'crop_view']
+           'crop_view', 'jpeg_payload', 'decode_crops']
 
 # %% ../nbs/01a_device_views.ipynb #7c178cac
 VIEW_PARAMS = ('jitter', 'order0', 'order1', 'order2', 'order3', 'brightness', 'contrast', 'saturation', 'hue_shift',
@@ -151,3 +152,35 @@ def finish_views(images: torch.Tensor, params: torch.Tensor, mean=IMAGENET_MEAN,
 def crop_view(view, image: Image.Image, params: dict) -> tuple[torch.Tensor, torch.Tensor]:
     "The worker's part of a view: (uint8 crop `[S, S, 3]`, channels last as Pillow holds it: no transpose in the worker; packed draws)."
     return torch.from_numpy(np.array(view.crop(image, params))), pack_view_params(params)   # a writable copy
+
+# %% ../nbs/01a_device_views.ipynb #9904c5a0
+def jpeg_payload(image, boxes) -> dict | None:
+    "What a worker sends for `image` to be decoded on the device: its bytes (1-D uint8) and the views' crop boxes; None when it must be decoded here."
+    if getattr(image, 'format', None) != 'JPEG' or image.mode != 'RGB' or not getattr(image, 'tile', None): return None
+    fp = getattr(image, 'fp', None)
+    try:
+        if hasattr(fp, 'getvalue'): data = fp.getvalue()                   # opened from bytes (webdataset)
+        elif getattr(image, 'filename', None):
+            with open(image.filename, 'rb') as f: data = f.read()
+        else: return None
+    except OSError: return None
+    if not data.rstrip(b'\x00').endswith(b'\xff\xd9'): return None         # truncated: let the worker decode it (and skip it)
+    return dict(data=torch.frombuffer(bytearray(data), dtype=torch.uint8), boxes=[tuple(b) for b in boxes])
+
+def decode_crops(payloads: list, size: int, device) -> list:
+    "Each payload's JPEG decoded on `device` and its crop boxes resized to `size` (antialiased bilinear): a uint8 `[V, S, S, 3]` per payload."
+    from torchvision.io import decode_jpeg, ImageReadMode
+    data = [p['data'] for p in payloads]
+    try: images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:                                                   # one bad file: find it, decode the rest
+        images = []
+        for p, d in zip(payloads, data):
+            try: images.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError: images.append(decode_jpeg(d, mode=ImageReadMode.RGB).to(device))   # libjpeg is lenient
+    out = []
+    for img, p in zip(images, payloads):
+        views = [F.interpolate(img[None, :, t:t + h, l:l + w].float(), size=(size, size), mode='bilinear', antialias=True,
+                               align_corners=False) for t, l, h, w in p['boxes']]
+        out.append(torch.cat(views).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1))
+    return out
+

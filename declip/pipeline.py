@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, VIEW_KINDS, eval_transform, view_transform
-from .device_views import crop_view, finish_views
+from .device_views import crop_view, finish_views, jpeg_payload, decode_crops, pack_view_params
 from .text import EDA, get_tokenizer, mask_tokens
 from .datasets import (BadSample, ClassificationSet, CsvImageText, JsonlImageText, RetrievalSet, HeldOutSplit,
                              WebDatasetImageText, count_images, expand_shard_patterns, image_folder)
@@ -239,16 +239,20 @@ class SamplePipeline:
     "One `(image, caption)` -> views, tokens, EDA tokens, MLM tokens; randomness from `(seed, epoch, index)` only."
     def __init__(self, image_views=('mocov2', 'mocov2'), image_size: int = 64, text_aug: bool = True, mlm: bool = True,
                  context_length: int = 77, seed: int = 0, mean=IMAGENET_MEAN, std=IMAGENET_STD, mlm_prob: float = 0.15,
-                 eda: EDA | None = None, tokenizer=None, view_device: str = 'worker', jpeg_draft: bool = True):
+                 eda: EDA | None = None, tokenizer=None, view_device: str = 'worker', jpeg_draft: bool = True,
+                 decode_device: str = 'worker'):
         image_views = (image_views,) if isinstance(image_views, str) else tuple(image_views)
         bad = [k for k in image_views if k not in VIEW_KINDS]
         if not image_views or bad: raise ValueError(f'image_views must be a non-empty sequence of {VIEW_KINDS}, got {image_views!r}')
         if int(seed) < 0: raise ValueError(f'seed must be >= 0, got {seed}')
         if view_device not in VIEW_DEVICES: raise ValueError(f'view_device must be one of {VIEW_DEVICES}, got {view_device!r}')
+        if decode_device not in VIEW_DEVICES: raise ValueError(f'decode_device must be one of {VIEW_DEVICES}, got {decode_device!r}')
+        if decode_device == 'device' and view_device != 'device': raise ValueError("decode_device='device' needs view_device='device'")
         self.image_views, self.image_size, self.text_aug, self.mlm = image_views, image_size, bool(text_aug), bool(mlm)
         self.context_length, self.seed, self.mlm_prob = context_length, int(seed), mlm_prob
         self.views = [view_transform(k, image_size, mean, std) for k in image_views]
         self.mean, self.std, self.view_device, self.jpeg_draft = tuple(mean), tuple(std), view_device, bool(jpeg_draft)
+        self.decode_device = decode_device
         self.tokenizer = tokenizer or get_tokenizer(context_length)
         self.eda = (eda or EDA()) if self.text_aug else None
 
@@ -266,11 +270,7 @@ class SamplePipeline:
         g_image, g_mlm, rng_eda = self.random_streams(index, epoch)
         try:
             drawn = [view.sample_params(g_image, *image.size) for view in self.views]   # the draws of `view(image, g_image)`
-            if self.jpeg_draft: image, drawn = draft_jpeg(image, drawn, self.image_size)
-            if self.view_device == 'worker': extra = dict(images=torch.stack([v.apply(image, d) for v, d in zip(self.views, drawn)]))
-            else:                                             # crops as uint8 and the draws; `finish_batch` does the rest
-                crops, packed = zip(*(crop_view(v, image, d) for v, d in zip(self.views, drawn)))
-                extra = dict(images=torch.stack(crops), view_params=torch.stack(packed))
+            extra = self._encoded(image, drawn) or self._views(image, drawn)
         except (OSError, ValueError, SyntaxError):           # lazily decoded images can fail here
             return Skipped('corrupt_image', index)
         text = self.tokenizer(caption)[0]
@@ -279,9 +279,25 @@ class SamplePipeline:
         if self.mlm: sample['text_mlm'], sample['mlm_labels'] = mask_tokens(text, self.mlm_prob, generator=g_mlm)
         return sample
 
+    def _encoded(self, image, drawn) -> dict | None:
+        "With `decode_device='device'`: the JPEG's bytes, crop boxes and draws (None when the image must be decoded here)."
+        if self.decode_device != 'device' or not all('crop' in d for d in drawn): return None
+        payload = jpeg_payload(image, [d['crop'] for d in drawn])
+        if payload is None: return None
+        shape = (len(drawn), self.image_size, self.image_size, 3)
+        return dict(view_params=torch.stack([pack_view_params(d) for d in drawn]), jpeg=dict(payload, shape=shape))
+
+    def _views(self, image, drawn) -> dict:
+        "Decoded here (at a reduced scale where the crops allow): finished views, or uint8 crops and the draws for `finish_batch`."
+        if self.jpeg_draft: image, drawn = draft_jpeg(image, drawn, self.image_size)
+        if self.view_device == 'worker': return dict(images=torch.stack([v.apply(image, d) for v, d in zip(self.views, drawn)]))
+        crops, packed = zip(*(crop_view(v, image, d) for v, d in zip(self.views, drawn)))
+        return dict(images=torch.stack(crops), view_params=torch.stack(packed))
+
     def __repr__(self):
         return (f'SamplePipeline(image_views={self.image_views}, image_size={self.image_size}, text_aug={self.text_aug}, '
-                f'mlm={self.mlm}, context_length={self.context_length}, seed={self.seed}, view_device={self.view_device!r}, jpeg_draft={self.jpeg_draft})')
+                f'mlm={self.mlm}, context_length={self.context_length}, seed={self.seed}, view_device={self.view_device!r}, '
+                f'jpeg_draft={self.jpeg_draft}, decode_device={self.decode_device!r})')
 
 # %% ../nbs/04_pipeline.ipynb #a69079a2
 REPLACE_TRIES = 256     # draws for a bad sample's stand-in: with 91% of the samples bad, all 256 bad has p ~ 3e-11
@@ -384,7 +400,16 @@ def collate(samples: list) -> dict:
     skipped = Counter(s.reason if isinstance(s, (Skipped, BadSample)) else 'bad_sample'
                       for s in samples if not isinstance(s, dict))
     skipped.update(r for s in good for r in s.get('replaced', ()))
-    batch = {k: torch.stack([s[k] for s in good]) for k in good[0] if k not in ('index', 'replaced')} if good else {}
+    jpeg = [s.get('jpeg') for s in good]
+    batch = {k: torch.stack([s[k] for s in good]) for k in good[0] if k not in ('index', 'replaced', 'jpeg', 'images')} if good else {}
+    if any(j is not None for j in jpeg):            # JPEGs sent encoded: their rows of `images` are made on the device
+        batch['jpeg'] = jpeg
+        if any('images' in s for s in good):         # the rest were decoded here (zeros where the device fills in)
+            shape = next(j['shape'] for j in jpeg if j is not None)
+            batch['images'] = torch.zeros((len(good),) + tuple(shape), dtype=torch.uint8)
+            for i, s in enumerate(good):
+                if 'images' in s: batch['images'][i] = s['images']
+    elif good: batch['images'] = torch.stack([s['images'] for s in good])
     batch['index'] = torch.tensor([s['index'] for s in good], dtype=torch.long)
     batch['skipped'] = dict(skipped)
     return batch
@@ -392,10 +417,16 @@ def collate(samples: list) -> dict:
 def finish_batch(batch: dict, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> dict:
     "The batch with its views finished where its tensors are (uint8 crops + `view_params` -> normalised float views); a worker-finished batch as it is."
     if 'view_params' not in batch: return batch
-    images, params = batch['images'], batch['view_params']           # [B, V, S, S, 3] uint8, [B, V, P]
+    params = batch['view_params']                                       # [B, V, P]
+    if batch.get('jpeg') is not None:                                   # JPEGs sent encoded: decode and crop them here
+        rows = [i for i, j in enumerate(batch['jpeg']) if j is not None]
+        shape = batch['jpeg'][rows[0]]['shape']
+        images = batch['images'].clone() if 'images' in batch else torch.empty((len(batch['jpeg']),) + tuple(shape), dtype=torch.uint8, device=params.device)
+        for i, crops in zip(rows, decode_crops([batch['jpeg'][i] for i in rows], shape[1], params.device)): images[i] = crops
+    else: images = batch['images']                                      # [B, V, S, S, 3] uint8
     B, V, S, S2, C = images.shape
     views = finish_views(images.flatten(0, 1).permute(0, 3, 1, 2), params.flatten(0, 1), mean, std).view(B, V, C, S, S2)
-    return {k: v for k, v in batch.items() if k != 'view_params'} | dict(images=views)
+    return {k: v for k, v in batch.items() if k not in ('view_params', 'jpeg')} | dict(images=views)
 
 
 # %% ../nbs/04_pipeline.ipynb #deb2e69e
@@ -462,7 +493,7 @@ def make_train_loader(spec: str | DataSpec | Dataset | IterableDataset, batch_si
                       epoch: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = True, start_batch: int = 0,
                       shuffle: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD, mlm_prob: float = 0.15,
                       pin_memory: bool | None = None, prefetch_factor: int | None = None, eda: EDA | None = None,
-                      replace_bad: bool = True, view_device: str = 'worker') -> TrainLoader:
+                      replace_bad: bool = True, view_device: str = 'worker', decode_device: str = 'worker') -> TrainLoader:
     "A train `DataLoader` over the source `spec` (or a reader it opened), yielding the batch dicts of `collate`; deterministic for any `workers`."
     for name, v, low in (('batch_size', batch_size, 1), ('workers', workers, 0), ('seed', seed, 0), ('epoch', epoch, 0),
                          ('world_size', world_size, 1), ('start_batch', start_batch, 0)):
@@ -474,7 +505,8 @@ def make_train_loader(spec: str | DataSpec | Dataset | IterableDataset, batch_si
     else:
         spec = parse_data_spec(spec)
         reader, name = open_train_data(spec, **reader_defaults(spec, image_size, rank, world_size, epoch, seed)), spec.spec
-    pipeline = SamplePipeline(image_views, image_size, text_aug, mlm, context_length, seed, mean, std, mlm_prob, eda, view_device=view_device)
+    pipeline = SamplePipeline(image_views, image_size, text_aug, mlm, context_length, seed, mean, std, mlm_prob, eda, view_device=view_device,
+                              decode_device=decode_device)
     loader_args = dict(batch_size=batch_size, drop_last=drop_last, num_workers=workers, collate_fn=collate,
                        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
                        prefetch_factor=prefetch_factor if workers > 0 else None,

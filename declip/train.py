@@ -39,6 +39,9 @@ def _check_names(p: dict):
     if p['precision'] not in PRECISIONS: raise ValueError(f"precision={p['precision']!r} is unknown; expected one of {PRECISIONS}")
     if (vd := p.get('view_device', 'auto')) not in ('auto',) + VIEW_DEVICES:
         raise ValueError(f"view_device={vd!r} is unknown; expected one of {('auto',) + VIEW_DEVICES}")
+    if (dd := p.get('decode_device', 'worker')) not in VIEW_DEVICES:
+        raise ValueError(f"decode_device={dd!r} is unknown; expected one of {VIEW_DEVICES}")
+    if dd == 'device' and vd == 'worker': raise ValueError("decode_device='device' needs the views on the device too (view_device='device' or 'auto' on CUDA)")
 
 def _check_numbers(p: dict):
     "Integers in range; float parameters finite, and not negative where that means nothing."
@@ -280,6 +283,8 @@ def setup_run(run: RunConfig, state: TrainState, ckpt: Checkpointer) -> Setup:
     opt = make_optimizer(model, run.recipe['lr'], run.recipe['weight_decay'], dev)
     scaler = torch.amp.GradScaler(dev.type, enabled=run.precision == 'fp16')
     s = Setup(dev, rank, world, model, opt, scaler, _schedule(run, world), view_device=resolve_view_device(run.view_device, dev))
+    if run.decode_device == 'device' and s.view_device != 'device':
+        raise ValueError(f"decode_device='device' needs the views on the device: view_device={run.view_device!r} means {s.view_device!r} on {dev.type}")
     if run.resume_path is not None: ckpt.restore(run.resume_path, state, model, opt, scaler, dev, counts=s.is_main)
     elif s.is_main and getattr(run.train_reader, 'malformed', 0):       # rows the reader could not parse, counted once
         state.count_skipped({'malformed_row': run.train_reader.malformed})
@@ -293,7 +298,7 @@ def run_config_dict(run: RunConfig, s: Setup) -> dict:
                     total_steps=sch['total_steps'], steps_per_epoch=sch['steps_per_epoch'],
                     global_batch=run.batch_size * s.world * run.accum_steps, train_samples=run.train_samples,
                     model=asdict(run.model), data=unwrap(s.model).data_requirements(), chance=chance_levels(run.eval_sets),
-                    data_plan=run.data_plan, view_device=s.view_device)
+                    data_plan=run.data_plan, view_device=s.view_device, decode_device=run.decode_device)
     cfg = dict(run.params, resolved=resolved, environment=environment_info(s.device))
     return json.loads(json.dumps(cfg, default=str))             # plain values only: loads with weights_only
 
@@ -345,7 +350,7 @@ def micro_batches(loader, state: TrainState, s: Setup, meter: Meter, batch_size:
         if batch is None or batch['index'].numel() < batch_size:
             raise TrainingError(f"train_data={source!r} has too few good samples to fill a batch of {batch_size}: every stand-in "
                                 f"drawn for a bad sample was bad too (bad samples so far: {state.skipped})")
-        meter.samples += batch['images'].shape[0] * s.world
+        meter.samples += batch['index'].numel() * s.world
         yield finish(to_device(batch, s.device))           # views finished here when the workers sent uint8 crops
         t = time.time()
 
@@ -359,7 +364,8 @@ def epoch_loader(run: RunConfig, s: Setup, state: TrainState, loader=None):
                              image_size=unwrap(s.model).image_size, text_aug=req['text_aug'], mlm=req['mlm'],
                              mlm_prob=req['mlm_prob'], context_length=run.context_length, workers=run.workers,
                              seed=run.seed, epoch=state.epoch, rank=s.rank, world_size=s.world,
-                             start_batch=state.batch_in_epoch, pin_memory=s.device.type == 'cuda', view_device=s.view_device)
+                             start_batch=state.batch_in_epoch, pin_memory=s.device.type == 'cuda', view_device=s.view_device,
+                             decode_device=run.decode_device)
 
 # %% ../nbs/09_train.ipynb #6943c687
 def train_record(run: RunConfig, s: Setup, state: TrainState, out: dict, meter: Meter) -> dict:
@@ -511,6 +517,7 @@ def train(
     grad_checkpointing:bool_arg=False,  # recompute the towers' activations in the backward: less memory, about one more forward
     workers:int=2,                  # DataLoader workers per process
     view_device:str='auto',         # where views are finished after the crop: worker, device (uint8 crops to the training device), auto = device on CUDA, else worker
+    decode_device:str='worker',     # where JPEGs are decoded and cropped: worker, device (nvJPEG on CUDA; needs the views on the device)
     seed:int=0,                     # seeds the model's initialisation, the data order and the augmentations
     output_dir:str='runs/declip',   # the run folder: config.json, metrics.jsonl, summary.json, curves.png, checkpoints/
     save_every:int=None,            # checkpoint every N steps (None = once per epoch and at the end)
