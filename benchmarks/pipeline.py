@@ -139,9 +139,20 @@ def measure(args, sets: dict) -> dict:
         stage[f'{dev_name}: {what}'] = dict(ms_per_batch=ms, samples_per_s=args.stage_batch / (ms / 1e3),
                                threads=args.stage_threads if dev_name == 'cpu' else None,
                                device=torch.cuda.get_device_name(dev) if dev.type == 'cuda' else platform.processor() or 'cpu')
+    # views with the JPEGs decoded on the device against the worker's (Pillow's), in levels of 255
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None] * 255
+    diffs = {}
+    for sname in ('web', '256'):
+        rd = open_train_data(f"csv:{sets[sname]['csv']}")
+        worker = SamplePipeline(req['image_views'], args.image_size, view_device='worker')
+        ondev = SamplePipeline(req['image_views'], args.image_size, view_device='device', decode_device='device')
+        n = min(len(rd), args.compare)
+        d = (finish_batch(collate([ondev(i, 0, *rd[i]) for i in range(n)]))['images']
+             - collate([worker(i, 0, *rd[i]) for i in range(n)])['images']).abs() * std
+        diffs[sname] = dict(samples=n, mean=float(d.mean()), over_1=float((d > 1.01).float().mean()), max=float(d.max()))
     uint8_mb = batch['images'].numel() / 2**20
     jpeg_mb = sum(j['data'].numel() for j in encoded.get('jpeg') or [] if j is not None) / 2**20
-    return dict(per_worker=per_worker, rounds=rates, stage=stage, batch_images_mib=dict(uint8=uint8_mb, float32=4 * uint8_mb, jpeg_256=jpeg_mb))
+    return dict(per_worker=per_worker, rounds=rates, stage=stage, decode_diff=diffs, batch_images_mib=dict(uint8=uint8_mb, float32=4 * uint8_mb, jpeg_256=jpeg_mb))
 
 
 def report(args, sets, res) -> str:
@@ -174,6 +185,9 @@ def report(args, sets, res) -> str:
     up = pw[('web', 'declip', 'device')] / pw[('web', 'declip', 'worker')]
     need = math.ceil(target / pw[('256', 'declip', 'device')])
     need_dec = math.ceil(target / pw[('256', 'declip', 'device + JPEG decode on the device')])
+    L += ['', '| DeCLIP views, JPEGs decoded on the device vs in the worker (CPU) | samples | mean abs. difference, levels of 255 | share > 1 level | max |',
+          '|---|---|---|---|---|']
+    L += [f"| {k} | {v['samples']} | {v['mean']:.3f} | {v['over_1']:.2%} | {v['max']:.0f} |" for k, v in res['decode_diff'].items()]
     L += ['', f"Images of a batch of {args.stage_batch} DeCLIP samples over the bus: {res['batch_images_mib']['uint8']:.0f} MiB as uint8, "
               f"{res['batch_images_mib']['float32']:.0f} MiB as float32; with the JPEGs decoded on the device, {res['batch_images_mib']['jpeg_256']:.0f} MiB "
               "of 256-px JPEG bytes.", '',
@@ -224,6 +238,7 @@ def main(argv=None):
     p.add_argument('--methods', default='declip,clip')
     p.add_argument('--target', type=float, default=4000., help='DeCLIP samples/s one GPU consumes')
     p.add_argument('--stage_batch', type=int, default=256)
+    p.add_argument('--compare', type=int, default=32, help='samples per set compared: JPEGs decoded on the device vs in the worker')
     p.add_argument('--stage_reps', type=int, default=3)
     p.add_argument('--stage_threads', type=int, default=1, help='torch threads for the CPU device stage')
     p.add_argument('--report', default=str(ROOT / 'reports' / 'performance.md'), help="'' = print only")
@@ -253,7 +268,7 @@ def main(argv=None):
         write_block(Path(args.report), f"<!-- BEGIN pipeline.py {section} -->", f"<!-- END pipeline.py {section} -->",
                     "### One worker's rate at 224 px: views finished in the worker or on the device (`benchmarks/pipeline.py`)\n\n" + block, 'replace')
         out = Path(args.report).with_name('pipeline.json')
-        out.write_text(json.dumps(dict(args=vars(args), per_worker={'/'.join(k): v for k, v in res['per_worker'].items()},
+        out.write_text(json.dumps(dict(args=vars(args), decode_diff=res['decode_diff'], per_worker={'/'.join(k): v for k, v in res['per_worker'].items()},
                                        rounds={'/'.join(k): v for k, v in res['rounds'].items()}, stage=res['stage']), indent=2))
         print(f"wrote {args.report} (block 'pipeline.py {section}') and {out}")
 
