@@ -284,6 +284,7 @@ class SamplePipeline:
         if self.decode_device != 'device' or not all('crop' in d for d in drawn): return None
         payload = jpeg_payload(image, [d['crop'] for d in drawn])
         if payload is None: return None
+        image.close()                                     # its file: read, never decoded here
         shape = (len(drawn), self.image_size, self.image_size, 3)
         return dict(view_params=torch.stack([pack_view_params(d) for d in drawn]), jpeg=dict(payload, shape=shape))
 
