@@ -45,6 +45,8 @@ def load_image(path_or_bytes, lazy_jpeg: bool = False) -> Image.Image:
         if not os.path.isfile(name): raise BadSample('missing_file', name)
         src = name
     try:
+        if lazy_jpeg and isinstance(src, str):               # read once: a decode here or on the device uses these bytes
+            with open(src, 'rb') as f: src = io.BytesIO(f.read())
         im = Image.open(src)
         if lazy_jpeg and im.format == 'JPEG' and im.mode in ('RGB', 'L', 'CMYK'): return im    # decoded when first used
         with im: return to_rgb(im)

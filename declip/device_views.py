@@ -158,12 +158,8 @@ def jpeg_payload(image, boxes) -> dict | None:
     "What a worker sends for `image` to be decoded on the device: its bytes (1-D uint8) and the views' crop boxes; None when it must be decoded here."
     if getattr(image, 'format', None) != 'JPEG' or image.mode != 'RGB' or not getattr(image, 'tile', None): return None
     fp = getattr(image, 'fp', None)
-    try:
-        if hasattr(fp, 'getvalue'): data = fp.getvalue()                   # opened from bytes (webdataset)
-        elif getattr(image, 'filename', None):
-            with open(image.filename, 'rb') as f: data = f.read()
-        else: return None
-    except OSError: return None
+    if not hasattr(fp, 'getvalue'): return None                            # `load_image(lazy_jpeg=True)` opens JPEGs from their bytes
+    data = fp.getvalue()
     if not data.rstrip(b'\x00').endswith(b'\xff\xd9'): return None         # truncated: let the worker decode it (and skip it)
     return dict(data=torch.frombuffer(bytearray(data), dtype=torch.uint8), boxes=[tuple(b) for b in boxes])
 
