@@ -243,6 +243,10 @@ def read_record(folder, key:str) -> dict|None:
     return json.loads(p.read_text()) if p.exists() else None
 
 # %% ../nbs/11_study.ipynb #c025c8de
+def _folders(records) -> list:
+    "`records` as a list of folders: None -> [], one folder -> [it]."
+    return [] if not records else [Path(records)] if isinstance(records, (str, Path)) else [Path(f) for f in records]
+
 def _plan(runs, root, records, rerun):
     "(done: {i: (record, source)}, todo: [(i, run, run_dir, child params)]) of a grid."
     done, todo = {}, []
@@ -250,7 +254,8 @@ def _plan(runs, root, records, rerun):
         key = run_key(r['params'])
         d = root / f"{_slug(r['name'])}-{key}"
         if rerun and d.exists(): shutil.rmtree(d)
-        if records and not rerun and (rec := read_record(records, key)): done[i] = (dict(rec, **{k: v for k, v in r.items() if k != 'params'}), 'record'); continue
+        found = None if rerun else next(((rec, f) for f in _folders(records) if (rec := read_record(f, key))), None)
+        if found: done[i] = (dict(found[0], **{k: v for k, v in r.items() if k != 'params'}), 'record' if found[1] == _folders(records)[0] else 'shared record'); continue
         if _finished(d, r.get('test_data')): done[i] = (run_record(r, d), 'run folder'); continue
         params = dict(r['params'], output_dir=str(d), progress=False, resume='auto', test_data=r.get('test_data') or '')
         todo.append((i, r, d, params))
@@ -264,30 +269,36 @@ def run_grid(runs:list,              # dicts: `name` (a label), `params` (train 
              keep_weights:bool=False, # keep finished runs' checkpoints (False: only config, metrics, summary and test.json stay)
              cost=None,              # optional callable(run) -> relative cost, to start long runs first
              progress:bool=True,
-             records=None):          # folder of per-run JSON records (reports/<study>/runs): read instead of training, written as runs finish
+             records=None,           # folder of per-run JSON records (reports/<study>/runs), or a list of them: read instead of
+                                     # training; new records are written to the first (runs shared with another study stay in its folder)
+             train:bool=True):       # False: train nothing; runs without a record or finished folder are left out (`.attrs['missing']`)
     "Execute `runs` (cached by parameters and by `records`, `jobs` at a time); one row per run, its records in `.attrs['records']`."
     from tqdm.auto import tqdm
-    root = Path(root) if root else default_runs_dir()
+    root, folders = Path(root) if root else default_runs_dir(), _folders(records)
     done, todo = _plan(runs, root, records, rerun)
-    if records:
-        for rec, _ in done.values(): write_record(rec, records)
+    if folders:
+        for rec, source in done.values():
+            if source != 'shared record': write_record(rec, folders[0])
+    missing = [r for _, r, _, _ in todo] if not train else []
+    if not train: todo = []
     if cost: todo.sort(key=lambda t: -cost(t[1]))
     errors = []
-    bar = tqdm(total=len(runs), initial=len(done), desc='runs', disable=not progress)
+    bar = tqdm(total=len(runs) - len(missing), initial=len(done), desc='runs', disable=not progress)
     with ThreadPoolExecutor(max(1, jobs)) as pool:
         futs = {pool.submit(_launch, params, d, threads, keep_weights): (i, r, d) for i, r, d, params in todo}
         for f in as_completed(futs):
             i, r, d = futs[f]
             try:
                 f.result(); done[i] = (run_record(r, d), 'trained')
-                if records: write_record(done[i][0], records)
+                if folders: write_record(done[i][0], folders[0])
             except Exception as e: errors.append(str(e))
             bar.update(1)
     bar.close()
     if errors: raise RuntimeError(f"{len(errors)} of {len(runs)} runs failed (finished runs are kept; run again to retry):\n\n" + '\n\n'.join(errors))
     df = pd.DataFrame([record_row(*done[i], run_dir=root / f"{_slug(runs[i]['name'])}-{done[i][0]['key']}") for i in sorted(done)])
-    df.attrs['records'] = [done[i][0] for i in sorted(done)]
+    df.attrs['records'], df.attrs['missing'] = [done[i][0] for i in sorted(done)], missing
     return df
+
 
 # %% ../nbs/11_study.ipynb #79b03371
 def record_row(rec:dict, source:str='record', run_dir=None) -> dict:
@@ -461,13 +472,16 @@ def execute_notebooks(paths:list, dest, progress:bool=True) -> pd.DataFrame:
 REPORTS = {
     'ablations':         dict(notebook='nbs/ablations.ipynb', parameters={}, output_param='output', jobs=True),
     'data-efficiency':   dict(notebook='nbs/data_efficiency.ipynb', parameters={}, output_param='output', jobs=True),
-    'openclipart-headline': dict(notebook='nbs/openclipart_study.ipynb', parameters={}, output_param='output', jobs=True),
+    'openclipart-headline': dict(notebook='nbs/openclipart_study.ipynb', parameters={}, output_param='output', jobs=True, train=True),
+    'openclipart-ablation': dict(notebook='nbs/openclipart_study.ipynb', output_param='output', jobs=True, train=True, parameters=dict(
+        variants=['CLIP', '+MVS', '+MVS+ISS', '+MVS+ISS+TSS', 'DeCLIP', 'SLIP', 'FILIP', 'DeFILIP'], seeds=2, compute_seeds=0,
+        shared=['openclipart-headline'], against={'+MVS': 'CLIP', '+MVS+ISS': '+MVS', '+MVS+ISS+TSS': '+MVS+ISS', 'DeCLIP': '+MVS+ISS+TSS'})),
     'train-declip-32ep': dict(notebook='nbs/train.ipynb', parameters=dict(epochs=32), output_param='output_dir'),
     'train-clip-32ep':   dict(notebook='nbs/train.ipynb', parameters=dict(epochs=32, method='clip'), output_param='output_dir'),
     'performance':       dict(script='benchmarks/step.py', smoke_args=['--quick'], report='performance'),
     'notebooks':         dict(notebooks='nbs/[0-9]*.ipynb', smoke_notebooks=['00_text.ipynb']),
 }
-"Report name -> the notebook (papermill) or script that writes it, and its parameters."
+"Report name -> the notebook (papermill) or script that writes it, and its parameters (`train`: the notebook takes `train=False`)."
 
 def default_runs_dir():
     "Where study runs are cached: `runs/study` of the source checkout (or of the working directory)."
@@ -479,8 +493,8 @@ def _repo_root():
     if not (here / 'nbs').is_dir(): raise FileNotFoundError(f"declip-reports runs from a source checkout; no nbs/ beside {here}")
     return here
 
-def regenerate(names=None, smoke=False, out=None, jobs:int=2, progress=True):
-    "Run the report notebooks (all, or `names`) with papermill into `out`/<name>/; return {name: seconds}."
+def regenerate(names=None, smoke=False, out=None, jobs:int=2, progress=True, recorded=False):
+    "Run the report notebooks (all, or `names`) with papermill into `out`/<name>/ (`recorded`: studies train nothing, report their records); return {name: seconds}."
     root = _repo_root()
     names = list(names or REPORTS)
     unknown = [n for n in names if n not in REPORTS]
@@ -505,6 +519,7 @@ def regenerate(names=None, smoke=False, out=None, jobs:int=2, progress=True):
             nb = root / spec['notebook']
             params = dict(spec['parameters'], smoke=smoke, **{spec['output_param']: str(dest)})
             if spec.get('jobs'): params['jobs'] = jobs
+            if recorded and spec.get('train'): params['train'] = False
             pm.execute_notebook(str(nb), str(dest / nb.name), parameters=params, cwd=str(root / 'nbs'),
                                 progress_bar=progress, log_output=progress, kernel_name='python3')
         times[name] = time.time() - t0
@@ -515,6 +530,8 @@ def regenerate(names=None, smoke=False, out=None, jobs:int=2, progress=True):
 def reports_cli(names:Param("reports to regenerate (default: all)", str, nargs='*', opt=False)=None,
                 smoke:Param("tiny smoke parameter set, written under runs/reports-smoke/", store_true)=False,
                 out:Param("output folder (default: reports/, or runs/reports-smoke/ with --smoke)", str)=None,
-                jobs:Param("training runs at once (one torch thread each)", int)=2):
+                jobs:Param("training runs at once (one torch thread each)", int)=2,
+                recorded:Param("studies that take it train nothing: report their recorded runs, listing the missing ones", store_true)=False):
     "Regenerate the reports in reports/ by running their notebooks with papermill."
-    regenerate(names or None, smoke=smoke, out=out, jobs=jobs)
+    regenerate(names or None, smoke=smoke, out=out, jobs=jobs, recorded=recorded)
+
