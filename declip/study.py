@@ -474,11 +474,11 @@ REPORTS = {
     'data-efficiency':   dict(notebook='nbs/data_efficiency.ipynb', parameters={}, output_param='output', jobs=True),
     'openclipart-headline': dict(notebook='nbs/openclipart_study.ipynb', parameters={}, output_param='output', jobs=True, train=True),
     'openclipart-ablation': dict(notebook='nbs/openclipart_study.ipynb', output_param='output', jobs=True, train=True, parameters=dict(
-        variants=['CLIP', '+MVS', '+MVS+ISS', '+MVS+ISS+TSS', 'DeCLIP', 'SLIP', 'FILIP', 'DeFILIP'], seeds=2, compute_seeds=0,
+        variants=['CLIP', '+MVS', '+MVS+ISS', '+MVS+ISS+TSS', 'DeCLIP', 'SLIP', 'FILIP', 'DeFILIP'], seeds=2, compute_seeds=0, compute_with='DeCLIP',
         shared=['openclipart-headline'], against={'+MVS': 'CLIP', '+MVS+ISS': '+MVS', '+MVS+ISS+TSS': '+MVS+ISS', 'DeCLIP': '+MVS+ISS+TSS'})),
     'openclipart-augmentation': dict(notebook='nbs/openclipart_study.ipynb', output_param='output', jobs=True, train=True, parameters=dict(
         variants=['CLIP', 'CLIP, MoCo v2 view', 'DeCLIP, standard views', 'DeCLIP, MoCo v2 without colour', 'DeCLIP, MoCo v2 without blur',
-                  'DeCLIP'], seeds=2, compute_seeds=0, shared=['openclipart-headline'],
+                  'DeCLIP'], seeds=2, compute_seeds=0, compute_with='DeCLIP', shared=['openclipart-headline'],
         against={'DeCLIP, MoCo v2 without colour': 'DeCLIP', 'DeCLIP, MoCo v2 without blur': 'DeCLIP', 'DeCLIP': 'DeCLIP, standard views'})),
     'openclipart-data-efficiency': dict(notebook='nbs/openclipart_study.ipynb', output_param='output', jobs=True, train=True, parameters=dict(
         variants=['CLIP', 'DeCLIP'], fractions=[0.25, 0.5, 1.0], seeds=2, compute_seeds=0, shared=['openclipart-headline'])),
@@ -540,5 +540,6 @@ def reports_cli(names:Param("reports to regenerate (default: all)", str, nargs='
                 recorded:Param("studies that take it train nothing: report their recorded runs, listing the missing ones", store_true)=False):
     "Regenerate the reports in reports/ by running their notebooks with papermill."
     regenerate(names or None, smoke=smoke, out=out, jobs=jobs, recorded=recorded)
+
 
 
