@@ -319,10 +319,11 @@ def record_row(rec:dict, source:str='record', run_dir=None) -> dict:
 
 # %% ../nbs/11_study.ipynb #b64df4b7
 def mean_std(df:pd.DataFrame, by, metrics:list, fmt='{:.3f} ± {:.3f}'):
-    "Group `df` by `by` (order kept) and give 'mean ± std' (sample std over seeds) for each metric, plus the run count."
+    "Group `df` by `by` (order kept) and give 'mean ± std' (sample std over seeds; the mean alone for one run) for each metric, plus the run count."
     g = df.groupby(by, sort=False)[metrics]
-    mean, std = g.mean(), g.std(ddof=1).fillna(0.)
-    out = pd.DataFrame({m: [fmt.format(a, b) for a, b in zip(mean[m], std[m])] for m in metrics}, index=mean.index)
+    mean, std, n = g.mean(), g.std(ddof=1).fillna(0.), g.size()
+    one = fmt.split(' ± ')[0]                                  # one seed has no spread to show (std 0 here only for arithmetic)
+    out = pd.DataFrame({m: [fmt.format(a, b) if k > 1 else one.format(a) for a, b, k in zip(mean[m], std[m], n)] for m in metrics}, index=mean.index)
     out['runs'] = g.size()
     return out, mean, std
 
