@@ -299,7 +299,6 @@ def run_grid(runs:list,              # dicts: `name` (a label), `params` (train 
     df.attrs['records'], df.attrs['missing'] = [done[i][0] for i in sorted(done)], missing
     return df
 
-
 # %% ../nbs/11_study.ipynb #79b03371
 def record_row(rec:dict, source:str='record', run_dir=None) -> dict:
     "A record as one flat table row: its study fields, speed and provenance, `<set>/<metric>` (final validation), `test_final/...`, `test_best/...`."
@@ -541,7 +540,3 @@ def reports_cli(names:Param("reports to regenerate (default: all)", str, nargs='
                 recorded:Param("studies that take it train nothing: report their recorded runs, listing the missing ones", store_true)=False):
     "Regenerate the reports in reports/ by running their notebooks with papermill."
     regenerate(names or None, smoke=smoke, out=out, jobs=jobs, recorded=recorded)
-
-
-
-
