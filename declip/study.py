@@ -249,13 +249,13 @@ def _folders(records) -> list:
 
 def _plan(runs, root, records, rerun):
     "(done: {i: (record, source)}, todo: [(i, run, run_dir, child params)]) of a grid."
-    done, todo = {}, []
+    done, todo, folders = {}, [], _folders(records)
     for i, r in enumerate(runs):
         key = run_key(r['params'])
         d = root / f"{_slug(r['name'])}-{key}"
         if rerun and d.exists(): shutil.rmtree(d)
-        found = None if rerun else next(((rec, f) for f in _folders(records) if (rec := read_record(f, key))), None)
-        if found: done[i] = (dict(found[0], **{k: v for k, v in r.items() if k != 'params'}), 'record' if found[1] == _folders(records)[0] else 'shared record'); continue
+        found = None if rerun else next(((rec, f) for f in folders if (rec := read_record(f, key))), None)
+        if found: done[i] = (dict(found[0], **{k: v for k, v in r.items() if k != 'params'}), 'record' if found[1] == folders[0] else 'shared record'); continue
         if _finished(d, r.get('test_data')): done[i] = (run_record(r, d), 'run folder'); continue
         params = dict(r['params'], output_dir=str(d), progress=False, resume='auto', test_data=r.get('test_data') or '')
         todo.append((i, r, d, params))
