@@ -19,10 +19,10 @@ from .train import train, primary_score
 
 # %% auto #0
 __all__ = ['ABLATION_VARIANTS', 'VARIANT_GROUPS', 'KEY_NAMES', 'REPORTS', 'test_split_spec', 'study_run', 'run_cost', 'run_key',
-           'subset_spec', 'test_checkpoints', 'train_and_test', 'run_record', 'write_record', 'read_record', 'run_grid',
-           'record_row', 'mean_std', 'difference', 'learning_curves', 'mean_curve', 'budget_rule', 'compute_ratio',
-           'equal_compute', 'best_final_table', 'plot_learning_curves', 'saving_factor', 'execute_notebooks',
-           'default_runs_dir', 'regenerate', 'reports_cli']
+           'subset_sizes', 'subset_spec', 'test_checkpoints', 'train_and_test', 'run_record', 'write_record',
+           'read_record', 'run_grid', 'record_row', 'mean_std', 'difference', 'learning_curves', 'mean_curve',
+           'budget_rule', 'compute_ratio', 'equal_compute', 'best_final_table', 'plot_learning_curves', 'saving_factor',
+           'execute_notebooks', 'default_runs_dir', 'regenerate', 'reports_cli']
 
 # %% ../nbs/11_study.ipynb #d236c2dc
 ABLATION_VARIANTS = {
@@ -113,6 +113,18 @@ def _slug(s): return ''.join(c if c.isalnum() else '-' for c in s).strip('-').lo
 def _unit_hash(text:str) -> float:
     return int.from_bytes(hashlib.blake2b(f'subset:{text}'.encode('utf-8'), digest_size=8).digest(), 'big') / 2**64
 
+def _in_subset(group:str, fraction:float) -> bool: return fraction >= 1 or _unit_hash(group) < fraction
+
+def subset_sizes(train_data:str, fractions:list) -> pd.DataFrame:
+    "Per fraction: the pictures and duplicate groups `subset_spec` keeps of an openclipart spec's train split (whole groups: the pictures are not exactly that fraction)."
+    spec = parse_data_spec(train_data)
+    if spec.kind != 'openclipart': raise ValueError(f"train_fraction needs openclipart training data, got {train_data!r}")
+    groups = pd.Series([r['group'] for r in open_train_data(spec).records]).value_counts()
+    rows = [dict(fraction=f, pictures=int(groups[[_in_subset(g, f) for g in groups.index]].sum()),
+                 groups=int(sum(_in_subset(g, f) for g in groups.index))) for f in fractions]
+    df = pd.DataFrame(rows).set_index('fraction')
+    return df.assign(**{'share of pictures': df.pictures / groups.sum(), 'share of groups': df.groups / len(groups)})
+
 def subset_spec(train_data:str, fraction:float, dest) -> str:
     "Write a deterministic, nested `fraction` of an openclipart spec's train split (whole duplicate groups) to `dest`; its jsonl spec."
     spec = parse_data_spec(train_data)
@@ -121,7 +133,7 @@ def subset_spec(train_data:str, fraction:float, dest) -> str:
     dest = Path(dest); dest.parent.mkdir(parents=True, exist_ok=True)
     with open(dest, 'w') as f:
         for i, (r, c) in enumerate(zip(reader.records, reader.captions)):
-            if _unit_hash(r['group']) < fraction:
+            if _in_subset(r['group'], fraction):
                 f.write(json.dumps(dict(filename=Path(reader.image_path(i)).name, caption=c if isinstance(c, str) else '')) + '\n')
     return f'jsonl:{dest}:{reader.dir / "images"}'
 
