@@ -120,8 +120,8 @@ def subset_sizes(train_data:str, fractions:list) -> pd.DataFrame:
     spec = parse_data_spec(train_data)
     if spec.kind != 'openclipart': raise ValueError(f"train_fraction needs openclipart training data, got {train_data!r}")
     groups = pd.Series([r['group'] for r in open_train_data(spec).records]).value_counts()
-    rows = [dict(fraction=f, pictures=int(groups[[_in_subset(g, f) for g in groups.index]].sum()),
-                 groups=int(sum(_in_subset(g, f) for g in groups.index))) for f in fractions]
+    kept = {f: groups[[_in_subset(g, f) for g in groups.index]] for f in fractions}
+    rows = [dict(fraction=f, pictures=int(k.sum()), groups=len(k)) for f, k in kept.items()]
     df = pd.DataFrame(rows).set_index('fraction')
     return df.assign(**{'share of pictures': df.pictures / groups.sum(), 'share of groups': df.groups / len(groups)})
 
