@@ -113,13 +113,16 @@ def _slug(s): return ''.join(c if c.isalnum() else '-' for c in s).strip('-').lo
 def _unit_hash(text:str) -> float:
     return int.from_bytes(hashlib.blake2b(f'subset:{text}'.encode('utf-8'), digest_size=8).digest(), 'big') / 2**64
 
+def _openclipart_train(train_data:str):
+    spec = parse_data_spec(train_data)
+    if spec.kind != 'openclipart': raise ValueError(f"train_fraction needs openclipart training data, got {train_data!r}")
+    return open_train_data(spec)
+
 def _in_subset(group:str, fraction:float) -> bool: return fraction >= 1 or _unit_hash(group) < fraction
 
 def subset_sizes(train_data:str, fractions:list) -> pd.DataFrame:
     "Per fraction: the pictures and duplicate groups `subset_spec` keeps of an openclipart spec's train split (whole groups: the pictures are not exactly that fraction)."
-    spec = parse_data_spec(train_data)
-    if spec.kind != 'openclipart': raise ValueError(f"train_fraction needs openclipart training data, got {train_data!r}")
-    groups = pd.Series([r['group'] for r in open_train_data(spec).records]).value_counts()
+    groups = pd.Series([r['group'] for r in _openclipart_train(train_data).records]).value_counts()
     kept = {f: groups[[_in_subset(g, f) for g in groups.index]] for f in fractions}
     rows = [dict(fraction=f, pictures=int(k.sum()), groups=len(k)) for f, k in kept.items()]
     df = pd.DataFrame(rows).set_index('fraction')
@@ -127,9 +130,7 @@ def subset_sizes(train_data:str, fractions:list) -> pd.DataFrame:
 
 def subset_spec(train_data:str, fraction:float, dest) -> str:
     "Write a deterministic, nested `fraction` of an openclipart spec's train split (whole duplicate groups) to `dest`; its jsonl spec."
-    spec = parse_data_spec(train_data)
-    if spec.kind != 'openclipart': raise ValueError(f"train_fraction needs openclipart training data, got {train_data!r}")
-    reader = open_train_data(spec)
+    reader = _openclipart_train(train_data)
     dest = Path(dest); dest.parent.mkdir(parents=True, exist_ok=True)
     with open(dest, 'w') as f:
         for i, (r, c) in enumerate(zip(reader.records, reader.captions)):
