@@ -22,7 +22,7 @@ __all__ = ['ABLATION_VARIANTS', 'VARIANT_GROUPS', 'KEY_NAMES', 'REPORTS', 'test_
            'subset_sizes', 'subset_spec', 'test_checkpoints', 'train_and_test', 'run_record', 'write_record',
            'read_record', 'run_grid', 'record_row', 'mean_std', 'difference', 'learning_curves', 'mean_curve',
            'budget_rule', 'compute_ratio', 'equal_compute', 'best_final_table', 'plot_learning_curves', 'saving_factor',
-           'execute_notebooks', 'default_runs_dir', 'regenerate', 'reports_cli']
+           'execute_notebooks', 'default_runs_dir', 'regenerate', 'reports_cli', 'shared_folders']
 
 # %% ../nbs/11_study.ipynb #d236c2dc
 ABLATION_VARIANTS = {
@@ -483,8 +483,8 @@ def execute_notebooks(paths:list, dest, progress:bool=True) -> pd.DataFrame:
 
 # %% ../nbs/11_study.ipynb #ac97b0f7
 REPORTS = {
-    'ablations':         dict(notebook='nbs/ablations.ipynb', parameters={}, output_param='output', jobs=True),
-    'data-efficiency':   dict(notebook='nbs/data_efficiency.ipynb', parameters={}, output_param='output', jobs=True),
+    'ablations':         dict(notebook='nbs/ablations.ipynb', parameters={}, output_param='output', jobs=True, train=True),
+    'data-efficiency':   dict(notebook='nbs/data_efficiency.ipynb', parameters={}, output_param='output', jobs=True, train=True),
     'openclipart-headline': dict(notebook='nbs/openclipart_study.ipynb', parameters=dict(compute_seeds=0), output_param='output', jobs=True, train=True),
     'openclipart-ablation': dict(notebook='nbs/openclipart_study.ipynb', output_param='output', jobs=True, train=True, parameters=dict(
         variants=['CLIP', '+MVS', '+MVS+ISS', '+MVS+ISS+TSS', 'DeCLIP', 'SLIP', 'FILIP', 'DeFILIP'], seeds=2, compute_seeds=0, compute_with='DeCLIP',
@@ -553,3 +553,17 @@ def reports_cli(names:Param("reports to regenerate (default: all)", str, nargs='
                 recorded:Param("studies that take it train nothing: report their recorded runs, listing the missing ones", store_true)=False):
     "Regenerate the reports in reports/ by running their notebooks with papermill."
     regenerate(names or None, smoke=smoke, out=out, jobs=jobs, recorded=recorded)
+
+# %% ../nbs/11_study.ipynb #7bfb940b
+def shared_folders(names:list,       # report names of the shared studies (e.g. ['ablations'])
+                   beside:list=()):  # report folders whose siblings are searched first (a study's output, its records' parent)
+    "The records folders (`<report>/runs`) of the studies `names`: beside one of `beside`, else in the checkout's reports/."
+    def find(name):
+        places = [Path(b).parent / name / 'runs' for b in beside]
+        try: places.append(_repo_root() / 'reports' / name / 'runs')
+        except FileNotFoundError: pass
+        found = next((p for p in places if p.is_dir()), None)
+        if found is None: raise FileNotFoundError(f"no records of the shared study {name!r} in {', '.join(map(str, places))}")
+        return found.resolve()
+    return [find(n) for n in names]
+
