@@ -20,9 +20,9 @@ from .train import train, primary_score
 # %% auto #0
 __all__ = ['ABLATION_VARIANTS', 'VARIANT_GROUPS', 'KEY_NAMES', 'REPORTS', 'test_split_spec', 'study_run', 'run_cost', 'run_key',
            'subset_sizes', 'subset_spec', 'test_checkpoints', 'train_and_test', 'run_record', 'write_record',
-           'read_record', 'run_grid', 'record_row', 'mean_std', 'difference', 'learning_curves', 'mean_curve',
-           'budget_rule', 'compute_ratio', 'equal_compute', 'best_final_table', 'plot_learning_curves', 'saving_factor',
-           'execute_notebooks', 'default_runs_dir', 'regenerate', 'reports_cli', 'shared_folders']
+           'read_record', 'run_grid', 'record_row', 'incomplete_grid_note', 'mean_std', 'difference', 'learning_curves',
+           'mean_curve', 'budget_rule', 'compute_ratio', 'equal_compute', 'best_final_table', 'plot_learning_curves',
+           'saving_factor', 'execute_notebooks', 'default_runs_dir', 'regenerate', 'reports_cli', 'shared_folders']
 
 # %% ../nbs/11_study.ipynb #d236c2dc
 ABLATION_VARIANTS = {
@@ -294,6 +294,9 @@ def run_grid(runs:list,              # dicts: `name` (a label), `params` (train 
             if source != 'shared record': write_record(rec, folders[0])
     missing = [r for _, r, _, _ in todo] if not train else []
     if not train: todo = []
+    if not train and runs and not done: raise RuntimeError(
+        f"none of the {len(runs)} runs has a record in {', '.join(map(str, folders)) or '(no records folder)'} "
+        f"or a finished folder in {root} (train=False trains nothing)")
     if cost: todo.sort(key=lambda t: -cost(t[1]))
     errors = []
     bar = tqdm(total=len(runs) - len(missing), initial=len(done), desc='runs', disable=not progress)
@@ -328,6 +331,16 @@ def record_row(rec:dict, source:str='record', run_dir=None) -> dict:
         row[f'test_{which}/score'] = t['score']
         for task, m in t['metrics'].items(): row.update({f'test_{which}/{task}/{k}': v for k, v in m.items() if isinstance(v, (int, float))})
     return row
+
+# %% ../nbs/11_study.ipynb #27f95053
+def incomplete_grid_note(missing:list,   # the runs without a record (`run_grid(..., train=False).attrs['missing']`)
+                         total:int,      # how many runs the grid has
+                         describe=lambda r: f"{r['variant']} seed {r['seed']}"):  # run -> how the note names it
+    "Markdown naming a partly trained grid's missing runs ('' when none is missing), for a report's top and findings."
+    if not missing: return ''
+    return (f"**Incomplete grid: {len(missing)} of {total} runs not trained yet** (" + '; '.join(map(describe, missing))
+            + '); everything below covers the recorded runs only.')
+
 
 # %% ../nbs/11_study.ipynb #b64df4b7
 def mean_std(df:pd.DataFrame, by, metrics:list, fmt='{:.3f} ± {:.3f}'):
