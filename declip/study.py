@@ -20,9 +20,10 @@ from .train import train, primary_score
 # %% auto #0
 __all__ = ['ABLATION_VARIANTS', 'VARIANT_GROUPS', 'KEY_NAMES', 'REPORTS', 'test_split_spec', 'study_run', 'run_cost', 'run_key',
            'subset_sizes', 'subset_spec', 'test_checkpoints', 'train_and_test', 'run_record', 'write_record',
-           'read_record', 'run_grid', 'record_row', 'incomplete_grid_note', 'mean_std', 'difference', 'learning_curves',
-           'mean_curve', 'budget_rule', 'compute_ratio', 'equal_compute', 'best_final_table', 'plot_learning_curves',
-           'saving_factor', 'execute_notebooks', 'default_runs_dir', 'regenerate', 'reports_cli', 'shared_folders']
+           'read_record', 'run_grid', 'record_row', 'incomplete_grid_note', 'mean_std', 'difference', 'compare',
+           'learning_curves', 'mean_curve', 'budget_rule', 'compute_ratio', 'equal_compute', 'best_final_table',
+           'plot_learning_curves', 'saving_factor', 'execute_notebooks', 'default_runs_dir', 'regenerate',
+           'reports_cli', 'shared_folders']
 
 # %% ../nbs/11_study.ipynb #d236c2dc
 ABLATION_VARIANTS = {
@@ -358,6 +359,13 @@ def difference(mean:pd.DataFrame, std:pd.DataFrame, runs:pd.Series, a, b, metric
     d = mean.loc[b, metric] - mean.loc[a, metric]
     se = float(np.sqrt(std.loc[a, metric] ** 2 / runs[a] + std.loc[b, metric] ** 2 / runs[b]))
     return d, se, bool(se > 0 and abs(d) > 2 * se)
+
+# %% ../nbs/11_study.ipynb #8a7fc949
+def compare(mean:pd.DataFrame, std:pd.DataFrame, runs:pd.Series, a, b, metric:str, digits:int=3):
+    "(text, verdict) for b minus a on `metric`: 'higher'/'lower' beyond 2 standard errors, else 'no measurable difference'; with one seed on either side the text is the difference alone and the verdict 'cannot tell: one seed' (one seed has no spread to estimate an error from)."
+    d, se, measurable = difference(mean, std, runs, a, b, metric)
+    if min(runs[a], runs[b]) < 2: return f'{d:+.{digits}f}', 'cannot tell: one seed'
+    return f'{d:+.{digits}f} ± {se:.{digits}f}', ('higher' if d > 0 else 'lower') if measurable else 'no measurable difference'
 
 # %% ../nbs/11_study.ipynb #6880275d
 def learning_curves(records:list, value:str='score', label:str='variant', curve:str='validation') -> pd.DataFrame:
