@@ -20,10 +20,10 @@ from .train import train, primary_score
 # %% auto #0
 __all__ = ['ABLATION_VARIANTS', 'VARIANT_GROUPS', 'KEY_NAMES', 'REPORTS', 'test_split_spec', 'study_run', 'run_cost', 'run_key',
            'subset_sizes', 'subset_spec', 'test_checkpoints', 'train_and_test', 'run_record', 'write_record',
-           'read_record', 'run_grid', 'record_row', 'incomplete_grid_note', 'mean_std', 'difference', 'compare',
-           'learning_curves', 'mean_curve', 'budget_rule', 'compute_ratio', 'equal_compute', 'best_final_table',
-           'plot_learning_curves', 'saving_factor', 'execute_notebooks', 'default_runs_dir', 'regenerate',
-           'reports_cli', 'shared_folders']
+           'read_record', 'run_grid', 'record_row', 'incomplete_grid_note', 'cut_grid_note', 'mean_std', 'difference',
+           'compare', 'learning_curves', 'mean_curve', 'budget_rule', 'compute_ratio', 'equal_compute',
+           'best_final_table', 'plot_learning_curves', 'saving_factor', 'execute_notebooks', 'default_runs_dir',
+           'regenerate', 'reports_cli', 'shared_folders']
 
 # %% ../nbs/11_study.ipynb #d236c2dc
 ABLATION_VARIANTS = {
@@ -341,6 +341,18 @@ def incomplete_grid_note(missing:list,   # the runs without a record (`run_grid(
     if not missing: return ''
     return (f"**Incomplete grid: {len(missing)} of {total} runs not trained yet** (" + '; '.join(map(describe, missing))
             + '); everything below covers the recorded runs only.')
+
+
+# %% ../nbs/11_study.ipynb #b4d2c8d3
+def cut_grid_note(cut:list,        # what the study's full grid leaves out on purpose, as the report names it (variants, or points)
+                  total:int,       # how many entries the full grid has
+                  reason:str,      # why (the budget), and where the question is answered instead
+                  restore:str='',  # how to train them after all (a command)
+                  unit:str='variants'):
+    "Markdown naming what a study cut from its grid and why ('' when nothing is cut), for a report's top."
+    if not cut: return ''
+    return (f"**Cut for the budget: {len(cut)} of the full grid's {total} {unit} {'is' if len(cut) == 1 else 'are'} not part of this study** ({'; '.join(map(str, cut))}). "
+            + reason + (f" To train them as well: `{restore}`." if restore else ''))
 
 
 # %% ../nbs/11_study.ipynb #b64df4b7
