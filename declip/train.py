@@ -22,7 +22,7 @@ from fastcore.docments import docments
 from .models import DeCLIP, ModelConfig, METHODS, SWITCHES, ALIASES, canonical_switches, model_config
 from .encoders import IMAGE_ENCODERS, TEXT_ENCODERS
 from .pipeline import parse_data_spec, open_train_data, make_train_loader, default_data, reader_defaults, SamplePipeline, VIEW_DEVICES, finish_batch
-from .device import (PRECISIONS, setup_distributed, seed_all, to_device, equal_batches, unwrap,
+from .device import (PRECISIONS, setup_distributed, leave_distributed, seed_all, to_device, equal_batches, unwrap,
                            sum_counts_over_ranks, mean_over_ranks, threading_main, peak_memory_mb)
 from .runs import (Checkpointer, MetricsLog, RunLock, CHECKPOINT_KEYS, environment_info, plot_run, git_commit, read_metrics,
                          load_checkpoint_file, nonfinite_tensors)
@@ -552,7 +552,8 @@ def _claim_output(run: RunConfig) -> RunLock:
     return lock
 
 def _train(run: RunConfig, _stop_after=None):
-    "`train` after its checks, holding the run folder."
+    "`train` after its checks, holding the run folder; a process group it joined is left once the run ends normally."
+    joins = not (torch.distributed.is_available() and torch.distributed.is_initialized())  # a caller's group stays the caller's
     state, ckpt = TrainState(), Checkpointer(run.output_dir, keep=run.keep_checkpoints)
     s = setup_run(run, state, ckpt)
     ckpt.enabled = s.is_main
@@ -563,11 +564,13 @@ def _train(run: RunConfig, _stop_after=None):
     try:
         with sigterm_flag() as stop:
             log.open()
-            if not train_epochs(run, s, state, meter, log, ckpt, cfg, stop, bar, _stop_after): return None
-            return finish_run(run, s, state, meter, log, ckpt, cfg)
+            done = train_epochs(run, s, state, meter, log, ckpt, cfg, stop, bar, _stop_after)
+            summary = finish_run(run, s, state, meter, log, ckpt, cfg) if done else None
     finally:
         if bar is not None: bar.close()
         log.close()
+    if joins: leave_distributed()       # every rank gets here after the same last collective; not after an error (05a_device)
+    return summary
 
 # %% ../nbs/09_train.ipynb #d35c216b
 def _switch_type(name):

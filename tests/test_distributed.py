@@ -6,6 +6,7 @@
    metrics.jsonl, the same accumulated gradients (AdamW's moments) and the same weights in checkpoints/last.pt.
 3. Gradient accumulation is one large batch (cached features): batch 8 x accum_steps 4 equals batch 32, on one
    process and on two, for CLIP and DeCLIP.
+4. A run leaves the process group it joined (and only that one) when it ends.
 """
 import json
 from pathlib import Path
@@ -221,3 +222,29 @@ def test_train_local_starts_processes(workdir):
     assert p.stdout.strip().splitlines()[-1] == '2'
     cfg = json.loads((workdir / 'local' / 'config.json').read_text())
     assert cfg['environment']['world_size'] == 2 and cfg['resolved']['global_batch'] == 16
+
+
+# A run that joined the process group leaves it when it ends (a process exiting with gloo's group alive can abort in
+# the interpreter's teardown: SIGABRT, seen once in CI); a group its caller made stays the caller's.
+LEAVE_SCRIPT = r'''
+import json, os, sys
+import torch.distributed as dist
+from declip.train import train
+out, caller_group = sys.argv[1], sys.argv[2] == 'given'
+if caller_group: dist.init_process_group('gloo')
+s = train(output_dir=os.path.join(out, 'run'), method='clip', train_data='synthetic:size=32', batch_size=8, max_steps=1,
+          eval_data='', workers=0, progress=False, image_size=32)
+rank = int(os.environ['RANK'])
+json.dump(dict(in_group=dist.is_initialized(), steps=s['steps']), open(os.path.join(out, f'rank{rank}.json'), 'w'))
+if caller_group: dist.destroy_process_group()
+'''
+
+
+@pytest.mark.parametrize('group', ['joined', 'given'])
+def test_run_leaves_the_group_it_joined(workdir, group):
+    "`train` under torchrun joins the process group and leaves it at the end; a group made by its caller stays."
+    script = workdir / 'leave.py'
+    script.write_text(LEAVE_SCRIPT)
+    run_ok(TORCHRUN + [str(script), str(workdir), group], timeout=240)
+    for rank in (0, 1):
+        assert json.loads((workdir / f'rank{rank}.json').read_text()) == dict(in_group=group == 'given', steps=1)
