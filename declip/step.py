@@ -119,7 +119,7 @@ def train_step(model, micro_batches, optimizer, lr: float, scaler=None, precisio
     if len(batches) < accum_steps or not batches: return None, None, len(batches)   # an epoch's tail: no partial batch
     if accum_steps > 1: out = cached_backward(model, batches, scaler, precision)
     else:
-        with autocast(device, precision): out = (fwd or model)(batches[0])
+        with autocast(device, precision): out = (model if fwd is None else fwd)(batches[0])
         scaler.scale(out['loss']).backward()
     for g in optimizer.param_groups: g['lr'] = lr
     finite = bool(torch.isfinite(out['loss']).item())
