@@ -6,6 +6,7 @@ pipeline against the step, all measured in one process with interleaved repetiti
                                               # (writes reports/performance.md + .csv)
     python benchmarks/step.py --quick         # ~1-2 min
     python benchmarks/step.py --device cuda --precision bf16 --batch 256 --compile both   # see benchmarks/gpu.sh
+    python benchmarks/step.py --study         # the study configuration's speed options (benchmarks/study_speed.py)
 
 What one "step" is: the trainer's own, `declip.step.train_step` (forward under autocast, backward, the
 non-finite check `torch.isfinite(loss).item()`, AdamW step with declip's `make_optimizer`: fused, zero_grad,
@@ -152,7 +153,7 @@ class Case:
         self.arch, self.method, self.a, self.dev, self.precision = arch, method, a, dev, precision
         self.compiled, self.sync_check = compiled, sync_check
         # variants for before/after measurements (benchmarks/ab.py): the package that builds the model, the
-        # optimizer ('trainer' = declip.step.make_optimizer, 'fused', 'default' = torch's choice), channels_last
+        # optimizer ('trainer' = declip.step.make_optimizer, 'fused', 'foreach', 'default' = torch's choice), channels_last
         # for convnets (the trainer's default), batch keys to leave out
         self.pkg, self.optimizer, self.channels_last, self.drop_keys = pkg, optimizer, channels_last, tuple(drop_keys)
         self.base, _, pd = method.partition('/pd')                  # the method record, and the patch dropout of a variant
@@ -169,7 +170,7 @@ class Case:
         import torch
         from declip.step import make_optimizer, param_groups
         if self.optimizer == 'trainer': return make_optimizer(m, LR, WD, self.dev)
-        kw = dict(fused=True) if self.optimizer == 'fused' else {}
+        kw = dict(fused=True) if self.optimizer == 'fused' else dict(foreach=True) if self.optimizer == 'foreach' else {}
         return torch.optim.AdamW(param_groups(m, WD), lr=LR, betas=(0.9, 0.98), eps=1e-8, **kw)
 
     def build(self):
@@ -571,6 +572,9 @@ def write_reports(args, meta, results, pipeline, ratios, notes, quiet=False):
 
 
 def main(argv=None):
+    if '--study' in (sys.argv[1:] if argv is None else argv):      # the study configuration's options: benchmarks/study_speed.py
+        import study_speed
+        return study_speed.main(argv)
     args = parse_args(argv)
     meta, results, pipeline, ratios, notes = run(args, progress=lambda *r: write_reports(args, *r, quiet=True))
     print('\n' + markdown_block(meta, results, pipeline, ratios, notes, args.section or meta['device_type']))

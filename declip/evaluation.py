@@ -4,13 +4,13 @@
 
 # %% ../nbs/08_evaluation.ipynb #33ce36e4
 from __future__ import annotations
-import contextlib, math, os, re
+import contextlib, copy, math, os, re
 from pathlib import Path
 from typing import Callable, Sequence
 import torch, torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
-from .datasets import ClassificationSet, RetrievalSet
+from .datasets import BadSample, ClassificationSet, RetrievalSet
 from .pipeline import parse_data_spec, open_eval_data, EvalImages, Skipped
 from .device import PRECISIONS, autocast
 from .models import METHODS
@@ -22,7 +22,8 @@ __all__ = ['IMAGENET_CLASSNAMES', 'TEMPLATES', 'DEFAULT_L2_GRID', 'PROBE_DATASET
            'retrieval_metrics', 'retrieval_eval', 'filip_class_embeddings', 'filip_scores', 'filip_zero_shot_eval',
            'recall_from_scores', 'filip_similarity', 'filip_retrieval_eval', 'fit_logistic_regression',
            'stratified_split', 'linear_probe', 'linear_probe_eval', 'open_probe_dataset', 'linear_probe_torchvision',
-           'split_named_entry', 'parse_eval_data', 'open_eval_sets', 'zero_shot_scoring', 'evaluate_sets']
+           'split_named_entry', 'parse_eval_data', 'open_eval_sets', 'zero_shot_scoring', 'evaluate_sets',
+           'prepare_eval_set', 'prepare_eval_sets']
 
 # %% ../nbs/08_evaluation.ipynb #13200540
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES as _OPENAI_TEMPLATE_FNS
@@ -512,3 +513,27 @@ def evaluate_sets(model, sets, device=None, precision: str = 'fp32', batch_size:
         results[name] = {k: float(v) for k, v in r.items() if not torch.is_tensor(v)}
         if return_predictions: results[name].update({k: r[k] for k in ('predictions', 'labels') if k in r})
     return results
+
+# %% ../nbs/08_evaluation.ipynb #dd5e68ed
+class _PreparedImage:
+    "A loader of prepared items: the tensor, or a fresh `BadSample` like the one the image raised when it was prepared."
+    def __call__(self, item):
+        if isinstance(item, BadSample): raise BadSample(item.reason, item.detail)
+        return item
+
+def prepare_eval_set(dataset, transform, max_mb: float = 1024.):
+    "`dataset` (a `ClassificationSet` or `RetrievalSet`) with every image read and transformed once into memory; `dataset` itself when too large."
+    if not isinstance(dataset, (ClassificationSet, RetrievalSet)) or isinstance(dataset.loader, _PreparedImage): return dataset
+    images, items = EvalImages(dataset, transform), []
+    for i in range(len(dataset)):
+        try: x = images[i]
+        except BadSample as e: items.append(BadSample(e.reason, e.detail)); continue
+        items.append(x[0] if isinstance(x, tuple) else x)
+        if items[-1].nbytes * len(dataset) > max_mb * 2**20: return dataset
+    prepared = copy.copy(dataset)
+    prepared.items, prepared.loader = items, _PreparedImage()
+    return prepared
+
+def prepare_eval_sets(sets: dict, transform, max_mb: float = 1024.) -> dict:
+    "`prepare_eval_set` of every set of `{name: set}` (the trainer's evaluation sets at the model's evaluation transform)."
+    return {name: prepare_eval_set(ds, transform, max_mb) for name, ds in sets.items()}

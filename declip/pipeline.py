@@ -526,7 +526,7 @@ def make_train_loader(spec: str | DataSpec | Dataset | IterableDataset, batch_si
 
 # %% ../nbs/04_pipeline.ipynb #9d0dd02a
 class EvalImages(Dataset):
-    "An evaluation set's images through `transform` (as RGB): `(image, int label)` for labelled samples, else the image; `skip_bad`: `Skipped` for an unreadable one."
+    "An evaluation set's images through `transform` (as RGB; a tensor image is taken as already transformed): `(image, int label)` for labelled samples, else the image; `skip_bad`: `Skipped` for an unreadable one."
     def __init__(self, dataset, transform, skip_bad: bool = False): self.dataset, self.transform, self.skip_bad = dataset, transform, skip_bad
     def __len__(self): return len(self.dataset)
     def __getitem__(self, i):
@@ -535,6 +535,7 @@ class EvalImages(Dataset):
             if self.skip_bad: return Skipped(e.reason, i)
             raise
         image, label = item if isinstance(item, (tuple, list)) else (item, None)
+        if torch.is_tensor(image): return image if label is None else (image, int(label))   # transformed once already (evaluation.prepare_eval_sets)
         if hasattr(image, 'mode') and image.mode != 'RGB': image = image.convert('RGB')   # e.g. grey-scale sets
         return self.transform(image) if label is None else (self.transform(image), int(label))
 

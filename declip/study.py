@@ -531,6 +531,7 @@ REPORTS = {
     'train-declip-32ep': dict(notebook='nbs/train.ipynb', parameters=dict(epochs=32), output_param='output_dir'),
     'train-clip-32ep':   dict(notebook='nbs/train.ipynb', parameters=dict(epochs=32, method='clip'), output_param='output_dir'),
     'performance':       dict(script='benchmarks/step.py', smoke_args=['--quick'], report='performance'),
+    'performance-study': dict(script='benchmarks/step.py', args=['--study'], smoke_args=['--study', '--quick'], report='performance'),
     'notebooks':         dict(notebooks='nbs/[0-9]*.ipynb', smoke_notebooks=['00_text.ipynb']),
 }
 "Report name -> the notebook (papermill) or script that writes it, and its parameters (`train`: the notebook takes `train=False`)."
@@ -560,7 +561,7 @@ def regenerate(names=None, smoke=False, out=None, jobs:int=2, progress=True, rec
         dest.mkdir(parents=True, exist_ok=True)
         print(f"declip-reports: {name} -> {dest}", flush=True)
         if 'script' in spec:
-            args = [sys.executable, str(root / spec['script'])] + (spec.get('smoke_args', []) if smoke else [])
+            args = [sys.executable, str(root / spec['script'])] + (spec.get('smoke_args', []) if smoke else spec.get('args', []))
             subprocess.run(args + ['--report', str(dest / spec['report'])], cwd=root, check=True)
         elif 'notebooks' in spec:
             paths = sorted(root.glob(spec['notebooks']))

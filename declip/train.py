@@ -26,7 +26,7 @@ from .device import (PRECISIONS, setup_distributed, leave_distributed, seed_all,
                            sum_counts_over_ranks, mean_over_ranks, threading_main, peak_memory_mb)
 from .runs import (Checkpointer, MetricsLog, RunLock, CHECKPOINT_KEYS, environment_info, plot_run, git_commit, read_metrics,
                          load_checkpoint_file, nonfinite_tensors)
-from .evaluation import parse_eval_data, open_eval_sets, evaluate_sets, zero_shot_scoring
+from .evaluation import parse_eval_data, open_eval_sets, evaluate_sets, zero_shot_scoring, prepare_eval_sets, resolve_transform
 from .datasets import RetrievalSet
 from .inference import results_table
 from .step import lr_at, make_optimizer, train_step
@@ -285,6 +285,8 @@ def setup_run(run: RunConfig, state: TrainState, ckpt: Checkpointer) -> Setup:
     s = Setup(dev, rank, world, model, opt, scaler, _schedule(run, world), view_device=resolve_view_device(run.view_device, dev))
     if run.decode_device == 'device' and s.view_device != 'device':
         raise ValueError(f"decode_device='device' needs the views on the device: view_device={run.view_device!r} means {s.view_device!r} on {dev.type}")
+    if s.is_main and run.eval_sets:      # decoded and transformed once: each evaluation is its forward passes (08_evaluation)
+        run.eval_sets = prepare_eval_sets(run.eval_sets, resolve_transform(model, None))
     if run.resume_path is not None: ckpt.restore(run.resume_path, state, model, opt, scaler, dev, counts=s.is_main)
     elif s.is_main and getattr(run.train_reader, 'malformed', 0):       # rows the reader could not parse, counted once
         state.count_skipped({'malformed_row': run.train_reader.malformed})
@@ -386,9 +388,11 @@ def primary_score(res: dict) -> float:
 def evaluate_run(run: RunConfig, s: Setup, state: TrainState, log: MetricsLog) -> tuple[dict, bool]:
     "Evaluate on rank 0 with the method's scoring, log it; (results, whether it is the best so far)."
     if not (run.eval_sets and s.is_main): return {}, False
+    t = time.time()
     res = evaluate_sets(unwrap(s.model), run.eval_sets, s.device, run.precision, scoring=zero_shot_scoring(unwrap(s.model), run.method),
                         progress=run.progress)
-    log.write(dict(type='eval', step=state.step, epoch=state.epoch, **{f"{k}/{m}": v for k, d in res.items() for m, v in d.items()}))
+    log.write(dict(type='eval', step=state.step, epoch=state.epoch, eval_s=time.time() - t,
+                   **{f"{k}/{m}": v for k, d in res.items() for m, v in d.items()}))
     return res, state.record_score(primary_score(res))
 
 # %% ../nbs/09_train.ipynb #cfe6a446
