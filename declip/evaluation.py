@@ -23,7 +23,7 @@ __all__ = ['IMAGENET_CLASSNAMES', 'TEMPLATES', 'DEFAULT_L2_GRID', 'PROBE_DATASET
            'recall_from_scores', 'filip_similarity', 'filip_retrieval_eval', 'fit_logistic_regression',
            'stratified_split', 'linear_probe', 'linear_probe_eval', 'open_probe_dataset', 'linear_probe_torchvision',
            'split_named_entry', 'parse_eval_data', 'open_eval_sets', 'zero_shot_scoring', 'evaluate_sets',
-           'prepare_eval_set', 'prepare_eval_sets']
+           'prepare_eval_set', 'is_prepared', 'prepare_eval_sets']
 
 # %% ../nbs/08_evaluation.ipynb #13200540
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES as _OPENAI_TEMPLATE_FNS
@@ -523,7 +523,7 @@ class _PreparedImage:
 
 def prepare_eval_set(dataset, transform, max_mb: float = 1024.):
     "`dataset` (a `ClassificationSet` or `RetrievalSet`) with every image read and transformed once into memory; `dataset` itself when too large."
-    if not isinstance(dataset, (ClassificationSet, RetrievalSet)) or isinstance(dataset.loader, _PreparedImage): return dataset
+    if not isinstance(dataset, (ClassificationSet, RetrievalSet)) or is_prepared(dataset): return dataset
     images, items = EvalImages(dataset, transform), []
     for i in range(len(dataset)):
         try: x = images[i]
@@ -533,6 +533,10 @@ def prepare_eval_set(dataset, transform, max_mb: float = 1024.):
     prepared = copy.copy(dataset)
     prepared.items, prepared.loader = items, _PreparedImage()
     return prepared
+
+def is_prepared(dataset) -> bool:
+    "Whether `dataset` is a set `prepare_eval_set` made (its images in memory, transformed)."
+    return isinstance(getattr(dataset, 'loader', None), _PreparedImage)
 
 def prepare_eval_sets(sets: dict, transform, max_mb: float = 1024.) -> dict:
     "`prepare_eval_set` of every set of `{name: set}` (the trainer's evaluation sets at the model's evaluation transform)."

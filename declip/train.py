@@ -26,7 +26,7 @@ from .device import (PRECISIONS, setup_distributed, leave_distributed, seed_all,
                            sum_counts_over_ranks, mean_over_ranks, threading_main, peak_memory_mb)
 from .runs import (Checkpointer, MetricsLog, RunLock, CHECKPOINT_KEYS, environment_info, plot_run, git_commit, read_metrics,
                          load_checkpoint_file, nonfinite_tensors)
-from .evaluation import parse_eval_data, open_eval_sets, evaluate_sets, zero_shot_scoring, prepare_eval_sets, resolve_transform
+from .evaluation import parse_eval_data, open_eval_sets, evaluate_sets, zero_shot_scoring, prepare_eval_sets, is_prepared, resolve_transform
 from .datasets import RetrievalSet
 from .inference import results_table
 from .step import lr_at, make_optimizer, train_step
@@ -300,7 +300,8 @@ def run_config_dict(run: RunConfig, s: Setup) -> dict:
                     total_steps=sch['total_steps'], steps_per_epoch=sch['steps_per_epoch'],
                     global_batch=run.batch_size * s.world * run.accum_steps, train_samples=run.train_samples,
                     model=asdict(run.model), data=unwrap(s.model).data_requirements(), chance=chance_levels(run.eval_sets),
-                    data_plan=run.data_plan, view_device=s.view_device, decode_device=run.decode_device)
+                    data_plan=run.data_plan, view_device=s.view_device, decode_device=run.decode_device,
+                    eval_prepared=sorted(n for n, ds in run.eval_sets.items() if is_prepared(ds)))     # read once per run
     cfg = dict(run.params, resolved=resolved, environment=environment_info(s.device))
     return json.loads(json.dumps(cfg, default=str))             # plain values only: loads with weights_only
 
