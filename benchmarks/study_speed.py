@@ -17,7 +17,8 @@ MLM, nearest-neighbour queue), fp32, one torch thread per run, two runs at once 
 3. Where the time goes in one step of a study run: forward, backward and optimiser (timed apart, fp32 eager), the data
    of one batch read in the process (Open Clip Art's training pipeline when its prepared cache is here, else the
    synthetic one), and the evaluation amortised over `eval_every` steps (the validation sets read from files each time,
-   as before, or prepared once per run, `evaluation.prepare_eval_sets`).
+   as before, or prepared once per run, `evaluation.prepare_eval_sets`); the step's counted FLOPs against this core's
+   fp32 matrix-multiply rate (how close to the hardware the step already is).
 """
 import argparse, json, os, subprocess, sys, time
 from pathlib import Path
@@ -92,10 +93,22 @@ def options(methods, labels, cfg, reps):
 STUDY_ARCH = 'vit-tiny'
 
 
+def sgemm_gflops(cfg, reps=20):
+    "This core's fp32 matrix-multiply rate (GFLOP/s, one thread) at the image tower's MLP shape: (batch x tokens) x 192 x 768."
+    import torch
+    m = cfg['batch'] * ((cfg['image_size'] // 8) ** 2 + 1)                # vit-tiny: patch 8, one class token, width 192
+    a, b = torch.randn(m, 192), torch.randn(192, 768)
+    for _ in range(3): a @ b
+    t = time.process_time()
+    for _ in range(reps): a @ b
+    return 2 * m * 192 * 768 / ((time.process_time() - t) / reps) / 1e9
+
+
 def phases(method, cfg, reps):
-    "Median CPU seconds of forward, backward and optimiser of the fp32 eager step (timed apart)."
+    "Median CPU seconds of forward, backward and optimiser of the fp32 eager step (timed apart), and its counted GFLOP."
     import torch
     c = bench.Case(STUDY_ARCH, method, dict(cfg), torch.device('cpu'), 'fp32'); c.build(); _loss_step(c)
+    flops, _ = c.count(flops=True, audit=False)
     t = {'forward': [], 'backward': [], 'optimiser': []}
     for _ in range(reps):
         c.model.train()
@@ -105,7 +118,7 @@ def phases(method, cfg, reps):
         e = time.process_time()
         t['forward'].append(b - a); t['backward'].append(d - b); t['optimiser'].append(e - d)
     c.free()
-    return {k: bench.median(v) for k, v in t.items()}
+    return {k: bench.median(v) for k, v in t.items()} | dict(gflop=flops / 1e9)
 
 
 def _study_data(quick):
@@ -202,7 +215,12 @@ def block(meta, rows, lay, where, cfg, note):
         pct = lambda x: f"{x:.3f} ({x / today:.0%})"
         L.append(f"| {w['method']} | {pct(w['forward'])} | {pct(w['backward'])} | {pct(w['optimiser'])} | {pct(w['data'])} | "
                  f"{pct(w['eval_files'])} | {pct(w['eval_prepared'])} | {today:.3f} | {now:.3f} | {today / now:.3f} |")
-    L += ['', f"- one evaluation ({where[0]['eval_images']} images): from files {where[0]['eval_files_s']:.2f} s, prepared "
+    for w in where:
+        step = w['forward'] + w['backward'] + w['optimiser']
+        L.append(f"- {w['method']}: {w['gflop']:.1f} GFLOP per step (forward + backward, counted), {w['gflop'] / step:.1f} GFLOP/s "
+                 f"over forward + backward + optimiser; this core multiplies fp32 matrices of the image tower's MLP shape at "
+                 f"{meta['sgemm_gflops']:.1f} GFLOP/s (one thread): the step runs at {w['gflop'] / step / meta['sgemm_gflops']:.0%} of that")
+    L += [f"- one evaluation ({where[0]['eval_images']} images): from files {where[0]['eval_files_s']:.2f} s, prepared "
           f"{where[0]['eval_prepared_s']:.2f} s (preparing them once: {where[0]['prepare_once_s']:.2f} s); the same numbers "
           f"bit for bit (asserted)"]
     return '\n'.join(L) + '\n'
@@ -238,7 +256,8 @@ def main(argv=None):
                           eval_files_s=ev['files'], eval_prepared_s=ev['prepared'], prepare_once_s=ev['prepare_once'], eval_images=ev['images']))
         print(f"   {where[-1]}", flush=True)
     meta = bench.make_meta(torch.device('cpu'), 1, 'fp32')
-    meta.update(section=args.section, wall_s=time.time() - t0, eval_every=args.eval_every, capability=torch.backends.cpu.get_cpu_capability())
+    meta.update(section=args.section, wall_s=time.time() - t0, eval_every=args.eval_every, capability=torch.backends.cpu.get_cpu_capability(),
+                sgemm_gflops=sgemm_gflops(cfg))
     text = block(meta, rows, lay, where, cfg, note)
     print('\n' + text)
     if args.report_mode != 'off':
