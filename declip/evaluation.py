@@ -18,12 +18,12 @@ from .models import METHODS
 # %% auto #0
 __all__ = ['IMAGENET_CLASSNAMES', 'TEMPLATES', 'DEFAULT_L2_GRID', 'PROBE_DATASETS', 'SCORINGS', 'load_templates', 'eval_mode',
            'model_device', 'image_batches', 'resolve_transform', 'resolve_tokenizer', 'encode_texts',
-           'extract_features', 'zero_shot_classifier', 'classification_metrics', 'confusion_matrix', 'zero_shot_eval',
-           'retrieval_metrics', 'retrieval_eval', 'filip_class_embeddings', 'filip_scores', 'filip_zero_shot_eval',
-           'recall_from_scores', 'filip_similarity', 'filip_retrieval_eval', 'fit_logistic_regression',
-           'stratified_split', 'linear_probe', 'linear_probe_eval', 'open_probe_dataset', 'linear_probe_torchvision',
-           'split_named_entry', 'parse_eval_data', 'open_eval_sets', 'zero_shot_scoring', 'evaluate_sets',
-           'prepare_eval_set', 'is_prepared', 'prepare_eval_sets']
+           'extract_features', 'zero_shot_classifier', 'classification_metrics', 'classification_items',
+           'confusion_matrix', 'zero_shot_eval', 'retrieval_metrics', 'set_ids', 'retrieval_eval',
+           'filip_class_embeddings', 'filip_scores', 'filip_zero_shot_eval', 'recall_from_scores', 'filip_similarity',
+           'filip_retrieval_eval', 'fit_logistic_regression', 'stratified_split', 'linear_probe', 'linear_probe_eval',
+           'open_probe_dataset', 'linear_probe_torchvision', 'split_named_entry', 'parse_eval_data', 'open_eval_sets',
+           'zero_shot_scoring', 'evaluate_sets', 'prepare_eval_set', 'is_prepared', 'prepare_eval_sets']
 
 # %% ../nbs/08_evaluation.ipynb #13200540
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES as _OPENAI_TEMPLATE_FNS
@@ -149,6 +149,11 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
     recall = torch.stack([top1[labels == c].mean() for c in present])
     return dict(top1=top1.mean().item(), top5=hits.any(1).float().mean().item(), mean_per_class_recall=recall.mean().item())
 
+def classification_items(logits: torch.Tensor, labels: torch.Tensor, ids: Sequence[int]) -> dict:
+    "Per-item outputs of a classification: each picture's id in its set, true class and top-5 classes (best first), as plain lists."
+    top = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
+    return dict(ids=[int(i) for i in ids], true=torch.as_tensor(labels).long().tolist(), top5=top.tolist())
+
 def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     "Counts [C, C]: row = true class, column = predicted class."
     idx = torch.as_tensor(labels).long() * num_classes + torch.as_tensor(predictions).long()
@@ -157,8 +162,8 @@ def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classe
 # %% ../nbs/08_evaluation.ipynb #1520dd09
 def zero_shot_eval(model, dataset, tokenizer=None, transform: Callable | None = None, batch_size: int = 256, device=None,
                    workers: int = 0, templates: Sequence[str] | str | None = None, return_predictions: bool = False,
-                   progress: bool = False) -> dict:
-    "Zero-shot top-1 / top-5 / mean per-class recall of `model` on a `ClassificationSet`."
+                   progress: bool = False, per_item: bool = False) -> dict:
+    "Zero-shot top-1 / top-5 / mean per-class recall of `model` on a `ClassificationSet` (`per_item`: and `classification_items` under 'per_item')."
     templates = templates if templates is not None else getattr(dataset, 'templates', None)
     if not templates: raise ValueError(f'zero_shot_eval: {dataset!r} has no templates; pass templates= (e.g. "simple")')
     device = device or model_device(model)
@@ -168,6 +173,7 @@ def zero_shot_eval(model, dataset, tokenizer=None, transform: Callable | None = 
     logits = feats @ classifier.cpu()
     metrics = classification_metrics(logits, labels) | ({'skipped_images': len(bad)} if bad else {})
     if return_predictions: metrics.update(predictions=logits.argmax(1), labels=labels)
+    if per_item: metrics['per_item'] = classification_items(logits, labels, [i for i in range(len(dataset)) if i not in set(bad)])
     return metrics
 
 # %% ../nbs/08_evaluation.ipynb #f1acc7af
@@ -181,9 +187,14 @@ def _ranks(queries, keys, positive, chunk_size):
         ranks.append(((sims >= best) & ~pos).sum(1))
     return torch.cat(ranks)
 
+def _rank_items(i2t_ranks, t2i_ranks, t2i, has_caption) -> dict:
+    "Per-item ranks (0 = the true match first) with positions in the embeddings: captioned images, every text and its image."
+    return dict(image_ids=torch.nonzero(has_caption).flatten().tolist(), image_to_text_rank=i2t_ranks.tolist(),
+                text_ids=list(range(len(t2i_ranks))), text_image=t2i.tolist(), text_to_image_rank=t2i_ranks.tolist())
+
 def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: torch.Tensor,
-                      ks: Sequence[int] = (1, 5, 10), chunk_size: int | None = None) -> dict:
-    "Image->text and text->image recall@k; several captions per image; computed in chunks of rows."
+                      ks: Sequence[int] = (1, 5, 10), chunk_size: int | None = None, per_item: bool = False) -> dict:
+    "Image->text and text->image recall@k; several captions per image; computed in chunks of rows (`per_item`: each rank, `_rank_items`)."
     text_to_image = torch.as_tensor(text_to_image, device=text_emb.device).long()
     ni, nt = len(image_emb), len(text_emb)
     if image_emb.ndim != 2 or text_emb.ndim != 2 or image_emb.shape[1] != text_emb.shape[1]:
@@ -200,13 +211,23 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_i
     for name, ranks in (('image_to_text', i2t_ranks), ('text_to_image', t2i_ranks)):
         for k in ks: out[f'{name}_R@{k}'] = (ranks < k).float().mean().item()
     out['mean_recall'] = sum(out.values()) / len(out)
+    if per_item: out['per_item'] = _rank_items(i2t_ranks, t2i_ranks, t2i, has_caption)
     return out
 
 # %% ../nbs/08_evaluation.ipynb #c0b7856f
+def set_ids(items: dict, captions: list, lost: set) -> dict:
+    "Per-item retrieval outputs with positions among the readable images and their captions turned into ids in the set: the image's index, the caption's index in the set's captions flattened."
+    keep = [i for i in range(len(captions)) if i not in lost]
+    start = [0]
+    for caps in captions: start.append(start[-1] + len(caps))
+    text_ids = [start[i] + j for i in keep for j in range(len(captions[i]))]
+    return dict(items, image_ids=[keep[i] for i in items['image_ids']], text_ids=[text_ids[t] for t in items['text_ids']],
+                text_image=[keep[i] for i in items['text_image']])
+
 def retrieval_eval(model, dataset, tokenizer=None, transform: Callable | None = None, batch_size: int = 256, device=None,
                    workers: int = 0, ks: Sequence[int] = (1, 5, 10), chunk_size: int | None = None,
-                   progress: bool = False) -> dict:
-    "Image<->text recall@k of `model` on a `RetrievalSet` (one list of captions per image)."
+                   progress: bool = False, per_item: bool = False) -> dict:
+    "Image<->text recall@k of `model` on a `RetrievalSet` (one list of captions per image; `per_item`: each rank, ids in the set)."
     if not any(dataset.captions): raise ValueError(f'retrieval_eval: {dataset!r} has no captions')
     device, bad = device or model_device(model), []
     image_emb, _ = extract_features(model, dataset, transform, batch_size, device, workers, normalize=True, progress=progress, skipped=bad)
@@ -215,7 +236,9 @@ def retrieval_eval(model, dataset, tokenizer=None, transform: Callable | None = 
     texts = [c for caps in kept for c in caps]
     text_to_image = torch.tensor([i for i, caps in enumerate(kept) for _ in caps], dtype=torch.long)
     text_emb = encode_texts(model, texts, tokenizer, device, batch_size, normalize=True, progress=progress)
-    return retrieval_metrics(image_emb, text_emb, text_to_image, ks, chunk_size) | ({'skipped_images': len(bad)} if bad else {})
+    out = retrieval_metrics(image_emb, text_emb, text_to_image, ks, chunk_size, per_item) | ({'skipped_images': len(bad)} if bad else {})
+    if per_item: out['per_item'] = set_ids(out['per_item'], dataset.captions, lost)
+    return out
 
 # %% ../nbs/08_evaluation.ipynb #d087ffd2
 def filip_class_embeddings(model, classnames: Sequence[str], templates: Sequence[str] | str, tokenizer=None, device=None,
@@ -255,7 +278,8 @@ def filip_scores(image_tokens: torch.Tensor, class_tokens: torch.Tensor, class_v
 
 def filip_zero_shot_eval(model, dataset, tokenizer=None, transform: Callable | None = None, batch_size: int = 256,
                          device=None, workers: int = 0, templates: Sequence[str] | str | None = None,
-                         padding: bool | None = None, return_predictions: bool = False, progress: bool = False) -> dict:
+                         padding: bool | None = None, return_predictions: bool = False, progress: bool = False,
+                         per_item: bool = False) -> dict:
     "FILIP's official token-wise zero-shot top-1 / top-5 / mean per-class recall on a `ClassificationSet`."
     templates = templates if templates is not None else getattr(dataset, 'templates', None)
     if not templates: raise ValueError(f'filip_zero_shot_eval: {dataset!r} has no templates; pass templates= (e.g. "simple")')
@@ -274,6 +298,7 @@ def filip_zero_shot_eval(model, dataset, tokenizer=None, transform: Callable | N
     logits, labels = torch.cat(logits), torch.cat(labels).long()
     metrics = classification_metrics(logits, labels) | ({'skipped_images': len(bad)} if bad else {})
     if return_predictions: metrics.update(predictions=logits.argmax(1), labels=labels, logits=logits)
+    if per_item: metrics['per_item'] = classification_items(logits, labels, [i for i in range(len(dataset)) if i not in set(bad)])
     return metrics
 
 # %% ../nbs/08_evaluation.ipynb #d56ad32f
@@ -282,7 +307,8 @@ def _ranks_from_scores(scores: torch.Tensor, positive: torch.Tensor) -> torch.Te
     best = scores.masked_fill(~positive, -math.inf).max(1, keepdim=True).values
     return ((scores >= best) & ~positive).sum(1)
 
-def recall_from_scores(i2t: torch.Tensor, t2i: torch.Tensor, text_to_image: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict:
+def recall_from_scores(i2t: torch.Tensor, t2i: torch.Tensor, text_to_image: torch.Tensor, ks: Sequence[int] = (1, 5, 10),
+                       per_item: bool = False) -> dict:
     "Recall@k from score matrices i2t [NI, NT] and t2i [NT, NI], with `retrieval_metrics`' rules."
     t2i_index = torch.as_tensor(text_to_image).long()
     ni, nt = i2t.shape
@@ -293,6 +319,7 @@ def recall_from_scores(i2t: torch.Tensor, t2i: torch.Tensor, text_to_image: torc
     for name, ranks in (('image_to_text', i2t_ranks), ('text_to_image', t2i_ranks)):
         for k in ks: out[f'{name}_R@{k}'] = (ranks < k).float().mean().item()
     out['mean_recall'] = sum(out.values()) / len(out)
+    if per_item: out['per_item'] = _rank_items(i2t_ranks, t2i_ranks, t2i_index, captioned)
     return out
 
 def filip_similarity(image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_valid: torch.Tensor | None = None,
@@ -313,7 +340,7 @@ def filip_similarity(image_tokens: torch.Tensor, text_tokens: torch.Tensor, text
 
 def filip_retrieval_eval(model, dataset, tokenizer=None, transform: Callable | None = None, batch_size: int = 256,
                          device=None, workers: int = 0, ks: Sequence[int] = (1, 5, 10), padding: bool | None = None,
-                         progress: bool = False) -> dict:
+                         progress: bool = False, per_item: bool = False) -> dict:
     "Image<->text recall@k of a FILIP model with token-wise (late-interaction) similarity on a `RetrievalSet`; unreadable images left out and counted."
     if not any(dataset.captions): raise ValueError(f'filip_retrieval_eval: {dataset!r} has no captions')
     device, transform, tokenizer = device or model_device(model), resolve_transform(model, transform), resolve_tokenizer(model, tokenizer)
@@ -334,7 +361,9 @@ def filip_retrieval_eval(model, dataset, tokenizer=None, transform: Callable | N
             ws.append(w.float().cpu()); oks.append(ok.cpu())
     w, ok = torch.cat(ws), torch.cat(oks)
     i2t, t2i = filip_similarity(v, w, None if padding else ok)
-    return recall_from_scores(i2t, t2i, text_to_image, ks) | ({'skipped_images': len(bad)} if bad else {})
+    out = recall_from_scores(i2t, t2i, text_to_image, ks, per_item) | ({'skipped_images': len(bad)} if bad else {})
+    if per_item: out['per_item'] = set_ids(out['per_item'], dataset.captions, lost)
+    return out
 
 # %% ../nbs/08_evaluation.ipynb #1bcda346
 DEFAULT_L2_GRID = tuple(10.0 ** e for e in range(-6, 7))     # one value per decade; CLIP: torch.logspace(-6, 6, 96)
@@ -496,21 +525,22 @@ def zero_shot_scoring(model, method: str | None = None) -> str:
 
 def evaluate_sets(model, sets, device=None, precision: str = 'fp32', batch_size: int = 256, scoring: str = 'auto',
                   workers: int = 0, tokenizer=None, transform: Callable | None = None, return_predictions: bool = False,
-                  progress: bool = False) -> dict:
-    "Zero-shot / retrieval metrics of `model` on every set of `sets` (as `open_eval_sets` takes them): {name: {metric: float}}."
+                  progress: bool = False, per_item: bool = False) -> dict:
+    "Zero-shot / retrieval metrics of `model` on every set of `sets` (as `open_eval_sets` takes them): {name: {metric: float}} (`per_item`: and its per-item outputs under 'per_item')."
     if scoring not in SCORINGS: raise ValueError(f'scoring={scoring!r}: expected one of {SCORINGS}')
     if precision not in PRECISIONS: raise ValueError(f'precision={precision!r}: expected one of {PRECISIONS}')
     sets = open_eval_sets(sets, getattr(model, 'image_size', None))
     device = torch.device(device) if device is not None else model_device(model)
     use_filip = scoring == 'filip' or (scoring == 'auto' and zero_shot_scoring(model) == 'filip')
-    kw = dict(batch_size=batch_size, device=device, workers=workers, progress=progress)
+    kw = dict(batch_size=batch_size, device=device, workers=workers, progress=progress, per_item=per_item)
     results = {}
     for name, ds in sets.items():
         with autocast(device, precision):
             if isinstance(ds, RetrievalSet): r = (filip_retrieval_eval if use_filip else retrieval_eval)(model, ds, tokenizer, transform, **kw)
             else: r = (filip_zero_shot_eval if use_filip else zero_shot_eval)(model, ds, tokenizer, transform,
                                                                                return_predictions=return_predictions, **kw)
-        results[name] = {k: float(v) for k, v in r.items() if not torch.is_tensor(v)}
+        results[name] = {k: float(v) for k, v in r.items() if not torch.is_tensor(v) and k != 'per_item'}
+        if per_item: results[name]['per_item'] = r['per_item']
         if return_predictions: results[name].update({k: r[k] for k in ('predictions', 'labels') if k in r})
     return results
 
