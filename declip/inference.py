@@ -150,7 +150,7 @@ def open_probe_sets(probe_data, image_size: int, test_fraction: float = 0.5, see
 def evaluate(model_or_checkpoint, eval_data=None, probe_data=None, device=None, batch_size: int = 256, workers: int = 0,
              scoring: str = 'auto', precision: str = 'fp32', probe_test_fraction: float = 0.5,
              probe_l2_grid: Sequence[float] | None = None, probe_val_fraction: float = 0.2, probe_max_iter: int = 1000,
-             probe_seed: int = 0, return_predictions: bool = False, progress: bool = False) -> dict:
+             probe_seed: int = 0, return_predictions: bool = False, progress: bool = False, per_item: bool = False) -> dict:
     "Zero-shot, retrieval and linear-probe metrics of a model or checkpoint: {set name: {metric: value}}."
     if scoring not in SCORINGS: raise ValueError(f'scoring={scoring!r}: expected one of {SCORINGS}')
     if precision not in PRECISIONS: raise ValueError(f'precision={precision!r}: expected one of {PRECISIONS}')
@@ -165,7 +165,7 @@ def evaluate(model_or_checkpoint, eval_data=None, probe_data=None, device=None, 
     eval_sets = open_eval_sets(eval_data, image_size) if eval_data else {}
     probe_sets = open_probe_sets(probe_data, image_size, probe_test_fraction, probe_seed) if probe_data else {}
     results = evaluate_sets(model, eval_sets, device, precision, batch_size, scoring, workers,
-                            return_predictions=return_predictions, progress=progress)
+                            return_predictions=return_predictions, progress=progress, per_item=per_item)
     tf = eval_transform(image_size) if image_size else None
     for name, (train_set, test_set) in probe_sets.items():
         with autocast(device, precision):

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['gather_with_grad', 'gather_no_grad', 'contrastive_targets', 'info_nce_rows', 'clip_loss', 'siglip_targets',
            'siglip_loss', 'SimSiamHead', 'simsiam_loss', 'mlm_loss', 'SimCLRHead', 'nt_xent_loss', 'filip_select',
-           'filip_loss', 'NNQueue', 'nn_loss']
+           'filip_loss', 'NNQueue', 'token_key', 'nn_loss']
 
 # %% ../nbs/06_losses.ipynb #ce37ca8d
 import math
@@ -190,17 +190,24 @@ def filip_loss(image_tokens, text_tokens, logit_scale_dense, top_k=16, text_vali
 
 # %% ../nbs/06_losses.ipynb #dab0eb33
 class NNQueue(nn.Module):
-    "FIFO of normalised embeddings on the training device; top-1 cosine neighbour lookup."
+    "FIFO of normalised embeddings on the training device; top-1 cosine neighbour lookup; where each entry came from."
     def __init__(self, size=65536, dim=256, random_init=True):
         super().__init__()
         self.size, self.dim, self.random_init = size, dim, random_init
         self.register_buffer('queue', F.normalize(torch.randn(size, dim), dim=1))
         self.register_buffer('ptr', torch.zeros((), dtype=torch.long))
         self.register_buffer('filled', torch.zeros((), dtype=torch.long))
+        self.register_buffer('owner', torch.full((size,), -1, dtype=torch.long))   # the sample that wrote each entry (-1: none)
+        self.register_buffer('key', torch.full((size,), -1, dtype=torch.long))     # its caption's `token_key` (-1: none)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ('owner', 'key'):           # checkpoints and exports from before the queue recorded its entries' sources
+            state_dict.setdefault(prefix + name, torch.full((self.size,), -1, dtype=torch.long))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
-    def query(self, x):
-        "(top-1 neighbour of each row of x [B, D], its cosine, whether it is a real entry)."
+    def nearest(self, x):
+        "(index of the top-1 entry of each row of x [B, D], its cosine, whether it is a real entry)."
         x = F.normalize(x.float(), dim=-1)
         sim = x @ self.queue.t()
         if not self.random_init:
@@ -208,17 +215,37 @@ class NNQueue(nn.Module):
             sim = sim.masked_fill(empty[None], float('-inf'))
         best, idx = sim.max(1)
         valid = torch.full_like(best, True, dtype=torch.bool) if self.random_init else (self.filled > 0).expand_as(best)
-        return F.normalize(self.queue[idx], dim=-1), best.masked_fill(~valid, 0.), valid
+        return idx, best.masked_fill(~valid, 0.), valid
 
     @torch.no_grad()
-    def enqueue(self, x):
-        "Write the rows of x at the pointer, wrapping around."
+    def query(self, x):
+        "(top-1 neighbour of each row of x [B, D], its cosine, whether it is a real entry)."
+        idx, cos, valid = self.nearest(x)
+        return F.normalize(self.queue[idx], dim=-1), cos, valid
+
+    @torch.no_grad()
+    def enqueue(self, x, owner=None, key=None):
+        "Write the rows of x at the pointer, wrapping around; `owner` (sample ids) and `key` (caption keys) recorded beside them (-1 when not given)."
         n = len(x)
         if n > self.size: x, n = x[-self.size:], self.size
         idx = (self.ptr + torch.arange(n, device=x.device)) % self.size
         self.queue[idx] = F.normalize(x.float(), dim=-1)
+        for buf, v in ((self.owner, owner), (self.key, key)): buf[idx] = -1 if v is None else v[-n:].to(buf)
         self.ptr.copy_((self.ptr + n) % self.size)
         self.filled.copy_(torch.clamp(self.filled + n, max=self.size))
+
+    @torch.no_grad()
+    def sources(self, idx, valid, owner, key) -> dict:
+        "Of the real neighbours `idx` of samples `owner` with captions `key`: the share written by the same sample, and the share with the same caption."
+        real = valid & (self.owner[idx] >= 0)
+        share = lambda hit: (hit & real).sum().float() / real.sum().clamp(min=1)
+        return dict(nn_own=share(self.owner[idx] == owner), nn_same_caption=share(self.key[idx] == key))
+
+def token_key(tokens: torch.Tensor) -> torch.Tensor:
+    "A 64-bit key of each row of token ids [B, L] (equal rows, equal keys; different rows collide with chance ~2^-64)."
+    g = torch.Generator().manual_seed(20221)
+    w = torch.randint(1, 2**62, (tokens.shape[1],), generator=g).to(tokens.device) | 1
+    return (tokens.long() * w).sum(1)                     # wraps around in int64: a hash, not a number
 
 def nn_loss(image_features, nn_text_features, logit_scale, valid=None):
     "Image -> nearest-neighbour-text InfoNCE (image direction only; the neighbours are gathered constants)."

@@ -17,7 +17,7 @@ from .text import VOCAB_SIZE, get_tokenizer
 from .transforms import VIEW_KINDS, MOCOV2_KINDS
 from .encoders import ImageEncoder, TextEncoder, IMAGE_ENCODERS, TEXT_ENCODERS
 from .losses import (clip_loss, SimSiamHead, simsiam_loss, mlm_loss, SimCLRHead, nt_xent_loss,
-                           filip_loss, NNQueue, nn_loss, siglip_loss)
+                           filip_loss, NNQueue, nn_loss, siglip_loss, token_key)
 
 # %% ../nbs/07_models.ipynb #492186da
 def _switch(default, help: str):
@@ -329,14 +329,19 @@ def mlm_term(m, f, batch):
 
 # %% ../nbs/07_models.ipynb #38b43800
 def nearest_neighbour_term(m, f, batch):
-    "Image -> nearest-neighbour-text InfoNCE over the queue; metric: mean cosine to the neighbours."
+    "Image -> nearest-neighbour-text InfoNCE over the queue; metrics: mean cosine to the neighbours, and how often a neighbour is the sample's own or the same caption."
     q, views = m.nn_queue, _contrastive_images(m, f)
     texts = [F.normalize(t.detach().float(), dim=-1) for t in ([f['text']] + ([f['text_aug']] if m.cfg.multi_view else []))]
-    found = [q.query(t) for t in texts]                     # (neighbours, cosines, real entries) per text
-    terms = [nn_loss(i, nn_t, f['scale'], ok.float()) for nn_t, _, ok in found for i in views]
+    keys = [token_key(batch[k]) for k in ('text', 'text_aug')[:len(texts)]]     # the captions themselves (a duplicate has the same key)
+    found = [q.nearest(t) for t in texts]                   # (entries, cosines, real entries) per text
+    terms = [nn_loss(i, F.normalize(q.queue[idx], dim=-1), f['scale'], ok.float()) for idx, _, ok in found for i in views]
+    owner = batch.get('index')
+    owner = torch.full_like(keys[0], -2) if owner is None else owner      # -2: a sample of unknown id (never counted)
+    src = [q.sources(idx, ok, owner, k) for (idx, _, ok), k in zip(found, keys)]
     if m.training:
-        for t in texts[::-1]: q.enqueue(t)
-    return sum(terms) / len(terms), dict(nn_similarity=torch.cat([cos for _, cos, _ in found]).mean())
+        for t, k in list(zip(texts, keys))[::-1]: q.enqueue(t, owner, k)
+    return sum(terms) / len(terms), dict(nn_similarity=torch.cat([cos for _, cos, _ in found]).mean(),
+                                         **{name: torch.stack([s[name] for s in src]).mean() for name in src[0]})
 
 # %% ../nbs/07_models.ipynb #9dce0388
 def simclr_term(m, f, batch):

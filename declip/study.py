@@ -14,14 +14,15 @@ from fastcore.script import call_parse, Param, store_true
 from .models import METHODS, ALIASES
 from .pipeline import parse_data_spec, open_train_data, default_eval_data
 from .evaluation import split_named_entry
-from .runs import markdown_table, provenance, read_metrics, RunLock, RunDirLocked, git_commit
+from .runs import markdown_table, provenance, read_metrics, RunLock, RunDirLocked, git_commit, export_weights
 from .train import train, primary_score
 
 # %% auto #0
-__all__ = ['ABLATION_VARIANTS', 'VARIANT_GROUPS', 'KEY_NAMES', 'REPORTS', 'test_split_spec', 'study_run', 'run_cost', 'run_key',
-           'subset_sizes', 'subset_spec', 'test_checkpoints', 'train_and_test', 'run_record', 'write_record',
-           'read_record', 'run_grid', 'record_row', 'incomplete_grid_note', 'cut_grid_note', 'mean_std', 'difference',
-           'compare', 'learning_curves', 'mean_curve', 'budget_rule', 'compute_ratio', 'equal_compute',
+__all__ = ['ABLATION_VARIANTS', 'VARIANT_GROUPS', 'KEY_NAMES', 'FINAL_WEIGHTS', 'REPORTS', 'test_split_spec', 'study_run',
+           'run_cost', 'run_key', 'subset_sizes', 'subset_spec', 'test_checkpoints', 'train_and_test', 'run_record',
+           'write_record', 'read_record', 'run_grid', 'record_row', 'incomplete_grid_note', 'per_item_note',
+           'cut_grid_note', 'mean_std', 'difference', 'compare', 'paired_interval', 'holm', 'verdict',
+           'detectable_difference', 'learning_curves', 'mean_curve', 'budget_rule', 'compute_ratio', 'equal_compute',
            'best_final_table', 'plot_learning_curves', 'saving_factor', 'execute_notebooks', 'default_runs_dir',
            'regenerate', 'reports_cli', 'shared_folders']
 
@@ -141,16 +142,17 @@ def subset_spec(train_data:str, fraction:float, dest) -> str:
 
 # %% ../nbs/11_study.ipynb #85674b70
 def test_checkpoints(run_dir, test_data:str, best_step:int|None=None, steps:int|None=None) -> dict:
-    "Test metrics of a run's final (`last.pt`) and validation-chosen best (`best.pt`) weights: {'data', 'final', 'best'}; {} without test data."
+    "Test metrics of a run's final (`last.pt`, with its per-item outputs) and validation-chosen best (`best.pt`) weights: {'data', 'final', 'best'}; {} without test data."
     if not test_data: return {}
     import torch
     from declip.inference import evaluate
     ck, dev = Path(run_dir) / 'checkpoints', 'cuda' if torch.cuda.is_available() else 'cpu'
-    def one(name, step):
-        res = evaluate(ck / name, eval_data=test_data, device=dev)
-        return dict(step=step, score=primary_score(res), metrics=res)
-    final = one('last.pt', steps)
-    best = final if best_step is None or best_step == steps else one('best.pt', best_step)
+    def one(name, step, per_item=False):
+        res = evaluate(ck / name, eval_data=test_data, device=dev, per_item=per_item)
+        items = {k: d.pop('per_item') for k, d in res.items() if 'per_item' in d}
+        return dict(step=step, score=primary_score(res), metrics=res, **({'per_item': items} if per_item else {}))
+    final = one('last.pt', steps, per_item=True)                       # the final weights' per-item outputs too
+    best = {k: v for k, v in final.items() if k != 'per_item'} if best_step is None or best_step == steps else one('best.pt', best_step)
     return dict(data=test_data, final=final, best=best)
 
 def train_and_test(test_data:str='', train_fraction:float=None, **params) -> dict:
@@ -164,6 +166,7 @@ def train_and_test(test_data:str='', train_fraction:float=None, **params) -> dic
 
 # %% ../nbs/11_study.ipynb #80a35ae6
 _RUNNER = "import json, sys; from declip.study import train_and_test; train_and_test(**json.load(open(sys.argv[1])))"
+FINAL_WEIGHTS = 'final.weights.pt'      # the final weights kept in a finished run's folder (a weights-only export; not committed)
 
 def _lock(run_dir, poll=10.):
     "Take `run_dir`'s run lock (`runs.RunLock`), waiting while another process or thread holds it; None if the holder finished the run."
@@ -188,6 +191,7 @@ def _launch(params, run_dir, threads, keep_weights=False):
     if p.returncode:
         tail = (run_dir / 'log.txt').read_text().strip().splitlines()[-15:]
         raise RuntimeError(f"run {run_dir.name} failed (exit {p.returncode}):\n" + '\n'.join(tail))
+    if (run_dir / 'checkpoints' / 'last.pt').exists(): export_weights(run_dir / 'checkpoints' / 'last.pt', run_dir / FINAL_WEIGHTS)
     if not keep_weights: shutil.rmtree(run_dir / 'checkpoints', ignore_errors=True)   # ~100-200 MB per tiny run
     return json.loads((run_dir / 'summary.json').read_text())
 
@@ -232,7 +236,8 @@ def run_record(run:dict, run_dir, max_points:int=200) -> dict:
     "A finished run folder as one small JSON-able record (see above)."
     d = Path(run_dir)
     summary, read = json.loads((d / 'summary.json').read_text()), lambda f: json.loads((d / f).read_text()) if (d / f).exists() else {}
-    cfg, test = read('config.json'), read('test.json')
+    cfg, test, val_items = read('config.json'), read('test.json'), read('per_item.json').get('sets')
+    test_items = (test.get('final') or {}).pop('per_item', None)
     tr, ev = read_metrics(d) if (d / 'metrics.jsonl').exists() else (pd.DataFrame(), pd.DataFrame())
     env, resolved = cfg.get('environment', {}), cfg.get('resolved', {})
     rec = {k: v for k, v in run.items() if k != 'params'}
@@ -242,7 +247,8 @@ def run_record(run:dict, run_dir, max_points:int=200) -> dict:
                samples_per_s=summary['samples_per_s'], step_time_s=_step_time(tr, resolved.get('global_batch'), summary),
                device=env.get('cuda_device') or env.get('device'), host=env.get('host'), git_commit=env.get('git_commit'),
                finished=datetime.fromtimestamp((d / 'summary.json').stat().st_mtime, timezone.utc).strftime('%Y-%m-%d %H:%M'))
-    return _plain(rec)
+    items = {split: v for split, v in (('validation', val_items), ('test', test_items)) if v}
+    return _plain(rec) | ({'per_item': items} if items else {})          # integers: nothing to round
 
 def write_record(record:dict, folder) -> Path:
     "Write `record` to folder/<key>.json (atomically); its path."
@@ -342,6 +348,14 @@ def incomplete_grid_note(missing:list,   # the runs without a record (`run_grid(
     return (f"**Incomplete grid: {len(missing)} of {total} runs not trained yet** (" + '; '.join(map(describe, missing))
             + '); everything below covers the recorded runs only.')
 
+def per_item_note(records:list,   # run records (`run_grid(...).attrs['records']`)
+                  describe=lambda r: f"{r.get('label') or r['variant']} seed {r['seed']}"):
+    "Markdown naming the runs whose records hold no per-item outputs (recorded before they were kept; '' when none)."
+    lacking = [r for r in records if not r.get('per_item')]
+    if not lacking: return ''
+    return (f"**{len(lacking)} of {len(records)} runs have no per-item outputs** (recorded before runs kept them: "
+            + '; '.join(map(describe, lacking)) + '); a paired comparison over items leaves them out.')
+
 
 # %% ../nbs/11_study.ipynb #b4d2c8d3
 def cut_grid_note(cut:list,        # what the study's full grid leaves out on purpose, as the report names it (variants, or points)
@@ -378,6 +392,52 @@ def compare(mean:pd.DataFrame, std:pd.DataFrame, runs:pd.Series, a, b, metric:st
     d, se, measurable = difference(mean, std, runs, a, b, metric)
     if min(runs[a], runs[b]) < 2: return f'{d:+.{digits}f}', 'cannot tell: one seed'
     return f'{d:+.{digits}f} ± {se:.{digits}f}', ('higher' if d > 0 else 'lower') if measurable else 'no measurable difference'
+
+# %% ../nbs/11_study.ipynb #a9034c1e
+def _item_weights(rng, n_items: int, n_boot: int) -> np.ndarray:
+    "[n_boot, n_items] counts of each item in `n_boot` resamples of the items (with replacement), over n_items."
+    draws = rng.integers(0, n_items, size=(n_boot, n_items))
+    return np.stack([np.bincount(d, minlength=n_items) for d in draws]) / n_items
+
+def _seed_means(rng, outcomes: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    "Per resample: the mean over resampled seeds of each seed's weighted item mean ([n_boot])."
+    per_seed = weights @ outcomes.T                                       # [n_boot, seeds]: each seed's mean on the resampled items
+    pick = rng.integers(0, outcomes.shape[0], size=per_seed.shape)
+    return np.take_along_axis(per_seed, pick, 1).mean(1)
+
+def paired_interval(a, b=None, chance: float = 0., level: float = .95, n_boot: int = 4000, seed: int = 0, paired: bool = True) -> dict:
+    "Mean of `b` minus mean of `a` ([seeds, items] outcomes on the same items; `b=None`: `a` minus `chance`) with a two-level bootstrap interval: {diff, low, high, p}."
+    a = np.atleast_2d(np.asarray(a, dtype=float))
+    b = None if b is None else np.atleast_2d(np.asarray(b, dtype=float))
+    if b is not None and b.shape[1] != a.shape[1]: raise ValueError(f'paired_interval: {a.shape[1]} items in a but {b.shape[1]} in b: a paired comparison needs the same items')
+    rng = np.random.default_rng(seed)
+    w = _item_weights(rng, a.shape[1], n_boot)
+    ma = _seed_means(rng, a, w)
+    mb = chance if b is None else _seed_means(rng, b, w if paired else _item_weights(rng, b.shape[1], n_boot))
+    boots = (ma - mb) if b is None else (mb - ma)
+    diff = (a.mean() - chance) if b is None else (b.mean() - a.mean())
+    lo, hi = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2])
+    p = min(1., 2 * min((boots <= 0).mean(), (boots >= 0).mean()))        # two-sided: how often the resamples reach 0
+    return dict(diff=float(diff), low=float(lo), high=float(hi), p=float(p))
+
+def holm(pvalues: list) -> list:
+    "Holm's step-down adjusted p-values (the same order as given)."
+    order, adjusted, running = np.argsort(pvalues), [0.] * len(pvalues), 0.
+    for rank, i in enumerate(order):
+        running = max(running, min(1., (len(pvalues) - rank) * pvalues[i])); adjusted[i] = running
+    return adjusted
+
+def verdict(low: float, high: float, margin: float, p_adjusted: float | None = None, alpha: float = .05) -> str:
+    "The rule: 'higher' / 'lower' when the interval excludes 0 (and the Holm-adjusted p < alpha, given), 'equivalent' inside ±margin, else 'cannot tell'."
+    excludes = (low > 0 or high < 0) and (p_adjusted is None or p_adjusted < alpha)
+    if excludes: return 'higher' if low > 0 else 'lower'
+    return 'equivalent' if -margin < low and high < margin else 'cannot tell'
+
+def detectable_difference(seed_sd: float, item_sd: float, seeds: int, items: int, power: float = .8, alpha: float = .05) -> float:
+    "The smallest difference a design (`seeds` per variant, `items` paired items) detects with `power`: (z_{1-alpha/2} + z_power) x its standard error."
+    from statistics import NormalDist
+    se = np.sqrt(2 * seed_sd ** 2 / seeds + item_sd ** 2 / items)
+    return float((NormalDist().inv_cdf(1 - alpha / 2) + NormalDist().inv_cdf(power)) * se)
 
 # %% ../nbs/11_study.ipynb #6880275d
 def learning_curves(records:list, value:str='score', label:str='variant', curve:str='validation') -> pd.DataFrame:

@@ -386,12 +386,14 @@ def primary_score(res: dict) -> float:
     vals = [v for d in res.values() for k, v in d.items() if k == 'top1' or k.endswith('R@1')]
     return float(np.mean(vals)) if vals else 0.
 
-def evaluate_run(run: RunConfig, s: Setup, state: TrainState, log: MetricsLog) -> tuple[dict, bool]:
-    "Evaluate on rank 0 with the method's scoring, log it; (results, whether it is the best so far)."
+def evaluate_run(run: RunConfig, s: Setup, state: TrainState, log: MetricsLog, per_item: bool = False) -> tuple[dict, bool]:
+    "Evaluate on rank 0 with the method's scoring, log it (`per_item`: each item's outcome into per_item.json); (results, whether it is the best so far)."
     if not (run.eval_sets and s.is_main): return {}, False
     t = time.time()
     res = evaluate_sets(unwrap(s.model), run.eval_sets, s.device, run.precision, scoring=zero_shot_scoring(unwrap(s.model), run.method),
-                        progress=run.progress)
+                        progress=run.progress, per_item=per_item)
+    items = {k: d.pop('per_item') for k, d in res.items() if 'per_item' in d}
+    if items: (run.output_dir / 'per_item.json').write_text(json.dumps(dict(step=state.step, sets=items)))
     log.write(dict(type='eval', step=state.step, epoch=state.epoch, eval_s=time.time() - t,
                    **{f"{k}/{m}": v for k, d in res.items() for m, v in d.items()}))
     return res, state.record_score(primary_score(res))
@@ -454,7 +456,7 @@ def train_epochs(run, s, state, meter, log, ckpt, cfg, stop, bar, _stop_after=No
 def finish_run(run, s, state, meter, log, ckpt, cfg) -> dict:
     "Save the last checkpoint, evaluate (then bring `best` and best.pt up to date), write summary.json and curves.png (rank 0); return the summary."
     _save(ckpt, s, state, cfg, best=not run.eval_sets)          # what was trained is on disk before the final evaluation
-    res, improved = evaluate_run(run, s, state, log)
+    res, improved = evaluate_run(run, s, state, log, per_item=True)       # the final weights' per-item outputs: per_item.json
     if improved: _save(ckpt, s, state, cfg, best=True)
     wall = state.train_time_s()                 # the whole run's, over every resume (this process's: `segment_time_s`)
     per_epoch = s.schedule['steps_per_epoch']
@@ -524,7 +526,7 @@ def train(
     view_device:str='auto',         # where views are finished after the crop: worker, device (uint8 crops to the training device), auto = device on CUDA, else worker
     decode_device:str='worker',     # where JPEGs are decoded and cropped: worker, device (nvJPEG on CUDA; needs the views on the device)
     seed:int=0,                     # seeds the model's initialisation, the data order and the augmentations
-    output_dir:str='runs/declip',   # the run folder: config.json, metrics.jsonl, summary.json, curves.png, checkpoints/
+    output_dir:str='runs/declip',   # the run folder: config.json, metrics.jsonl, summary.json, per_item.json, curves.png, checkpoints/
     save_every:int=None,            # checkpoint every N steps (None = once per epoch and at the end)
     eval_every:int=None,            # evaluate every N steps (None = at the end only)
     log_every:int=10,               # metrics.jsonl line every N steps
@@ -630,7 +632,7 @@ def closing_summary(summary: dict, output_dir) -> str:
     plural = lambda n, what: f"{n:,} {what}{'s' * (n != 1)}"
     lines = [f"declip-train: finished {s['method']}: {plural(s['steps'], 'step')} ({plural(s['epochs_done'], 'epoch')}), "
              f"{plural(s['samples_seen'], 'sample')} in {_duration(s['wall_time_s'])} ({s['samples_per_s']:.1f} samples/s)",
-             f"  output folder: {output_dir} (config.json, metrics.jsonl, summary.json, curves.png)"]
+             f"  output folder: {output_dir} (config.json, metrics.jsonl, summary.json, per_item.json, curves.png)"]
     if s.get('skipped') or s.get('nonfinite'):
         lines.append(f"  bad samples replaced: {s.get('skipped') or {}}; non-finite losses: {s.get('nonfinite', 0)}")
     if s.get('eval'):
