@@ -47,7 +47,7 @@ class ModelConfig:
     contrastive_text: str = _switch('clean', "caption of the contrastive loss and the queue: 'mlm' (official quirk 9.3) or 'clean'")
     mlm_causal: bool = _switch(True, 'MLM through the causal text encoder (official quirk 9.3); false: a bidirectional pass')
     mlm_prob: float = 0.15
-    nn_queue_size: int = _switch(65536, 'entries of the nearest-neighbour queue')
+    nn_queue_size: int = _switch(65536, 'entries of the nearest-neighbour queue (official 65,536); declip-train/train() also take a share of the training set below 1, e.g. 0.1')
     nn_random_init: bool = _switch(True, 'the queue starts with random vectors (official quirk 9.10); false: filled slots only')
     simsiam_hidden: int = 1024
     simsiam_pred_hidden: int = 512

@@ -13,7 +13,7 @@ __all__ = ['TERM_GRACE_S', 'SUMMARY_METRICS', 'RunConfig', 'resolve_run', 'Train
 import argparse, errno, itertools, math, os, sys, json, time, signal, warnings
 from pathlib import Path
 from contextlib import contextmanager
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, field, asdict, replace
 import numpy as np
 import torch
 from fastcore.basics import patch
@@ -162,10 +162,20 @@ def _check_resume(path: Path | None, mcfg: ModelConfig):
     differ = [f"{k}={saved[k]!r} there, {now[k]!r} here" for k in now if k in saved and saved[k] != now[k]]
     if differ: raise ValueError(f"resume: {str(path)!r} was made with other model settings ({'; '.join(differ)}); resume with the same settings or start a new output_dir")
 
+def _queue_fraction(given: dict) -> float | None:
+    "`nn_queue_size` below 1: the share of the training set the queue holds (returned; resolved once the data's size is known); a whole number: that many entries."
+    v = given.get('nn_queue_size')
+    if not isinstance(v, float): return None
+    if v.is_integer() and v >= 1: given['nn_queue_size'] = int(v); return None
+    if not 0 < v < 1: raise ValueError(f"nn_queue_size={v!r} must be a whole number of entries >= 1 or a fraction of the training set in (0, 1)")
+    given['nn_queue_size'] = 1                                   # a placeholder until the training set is open
+    return v
+
 def resolve_run(params: dict, switches: dict) -> RunConfig:
     "Check and resolve `train`'s parameters and switches; open the data. Nothing is created on disk."
     _check_params(params)
     given = _check_switches(switches)
+    fraction = _queue_fraction(given)
     mcfg = model_config(params['method'], image_encoder=params['image_encoder'], text_encoder=params['text_encoder'],
                         context_length=params['context_length'],
                         **({'image_size': params['image_size']} if params['image_size'] else {}), **given)
@@ -174,12 +184,15 @@ def resolve_run(params: dict, switches: dict) -> RunConfig:
     parse_data_spec(params['train_data'])
     if params['eval_data'] is not None: parse_eval_data(params['eval_data'])    # the form, before any data is read
     resume_path = _resolve_output(params)
-    _check_resume(resume_path, mcfg)
     plan = default_data(params['train_data'], params['eval_data'])             # e.g. a held-out slice of the user's pairs
     data_plan = dict(given=dict(train_data=params['train_data'], eval_data=params['eval_data']), note=plan.note)
     params = dict(params, train_data=plan.train_data, eval_data=plan.eval_data)
     evals = parse_eval_data(params['eval_data'])
     reader, n = _open_train_data(params, image_size)
+    if fraction is not None:
+        if n is None: raise ValueError(f"nn_queue_size={fraction}: a fraction of the training set needs its size; {params['train_data']!r} has none known")
+        mcfg = replace(mcfg, nn_queue_size=max(1, round(fraction * n)))
+    _check_resume(resume_path, mcfg)
     eval_sets = open_eval_sets(evals, image_size)              # a set that cannot be opened fails here
     all_switches = {k: None for k in SWITCHES} | canonical_switches(switches)
     return RunConfig(dict(params, **all_switches), mcfg, recipe, Path(params['output_dir']), resume_path, reader, n, eval_sets, data_plan)
@@ -580,9 +593,15 @@ def _train(run: RunConfig, _stop_after=None):
     return summary
 
 # %% ../nbs/09_train.ipynb #d35c216b
+def _size_or_fraction(text: str) -> int | float:
+    "'65536' -> 65536, '0.25' -> 0.25."
+    v = float(text)
+    return int(v) if v.is_integer() else v
+
 def _switch_type(name):
     "The flag type of switch `name`, from its `ModelConfig` field."
     kind = ModelConfig.__dataclass_fields__[name].type
+    if name == 'nn_queue_size': return _size_or_fraction          # entries, or a share of the training set (train's `_queue_fraction`)
     return bool_arg if kind is bool else int if kind in (int, int | None) else float if kind is float else str     # image_views: 'a,b'
 
 
