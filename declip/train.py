@@ -651,7 +651,7 @@ def closing_summary(summary: dict, output_dir) -> str:
     plural = lambda n, what: f"{n:,} {what}{'s' * (n != 1)}"
     lines = [f"declip-train: finished {s['method']}: {plural(s['steps'], 'step')} ({plural(s['epochs_done'], 'epoch')}), "
              f"{plural(s['samples_seen'], 'sample')} in {_duration(s['wall_time_s'])} ({s['samples_per_s']:.1f} samples/s)",
-             f"  output folder: {output_dir} (config.json, metrics.jsonl, summary.json, per_item.json, curves.png)"]
+             f"  output folder: {output_dir} (config.json, metrics.jsonl, summary.json{', per_item.json' * bool(s.get('eval'))}, curves.png)"]
     if s.get('skipped') or s.get('nonfinite'):
         lines.append(f"  bad samples replaced: {s.get('skipped') or {}}; non-finite losses: {s.get('nonfinite', 0)}")
     if s.get('eval'):
