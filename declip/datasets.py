@@ -118,6 +118,16 @@ def _require_file(path, what: str) -> Path:
     if not path.is_file(): raise FileNotFoundError(f'{what} not found: {path}' + (' (it is a folder)' if path.is_dir() else ''))
     return path
 
+_WIDE_BOMS = ((b'\xff\xfe\x00\x00', 'UTF-32'), (b'\x00\x00\xfe\xff', 'UTF-32'), (b'\xff\xfe', 'UTF-16'), (b'\xfe\xff', 'UTF-16'))
+
+def _require_utf8(path: Path, what: str):
+    "Refuse a manifest saved as UTF-16 / UTF-32 (a byte-order mark, or NUL bytes where text should be), naming the encoding."
+    with open(path, 'rb') as f: head = f.read(4096)
+    found = next((name for bom, name in _WIDE_BOMS if head.startswith(bom)), None)
+    if found is None and b'\x00' in head: found = 'UTF-16 or UTF-32 (it holds NUL bytes)'
+    if found: raise ValueError(f'{path}: the {what} is saved as {found}, not UTF-8; save it as UTF-8 '
+                               f"(e.g. iconv -f {found.split()[0]} -t UTF-8 {path.name} > utf8-{path.name})")
+
 def _warn_malformed(source: str, count: int, examples: list):
     if count: warnings.warn(f'{source}: skipped {count} malformed line(s), e.g. {examples[:3]}', stacklevel=3)
 
@@ -161,7 +171,7 @@ class CsvImageText(Dataset):
     "Image-text pairs from a CSV/TSV manifest; `__getitem__(i) -> (PIL.Image RGB, caption)` or raises `BadSample`."
     def __init__(self, path, image_key: str = CSV_KEY_DEFAULTS['image_key'], caption_key: str = CSV_KEY_DEFAULTS['caption_key'], sep: str | None = None, reject_cjk: bool = False,
                  lazy_jpeg: bool = False):
-        path = _require_file(path, 'CSV/TSV manifest')
+        path = _require_file(path, 'CSV/TSV manifest'); _require_utf8(path, 'CSV/TSV manifest')
         sep = sep or ('\t' if path.suffix.lower() in ('.tsv', '.tab') else ',')
         root, self.reject_cjk, self.lazy_jpeg = str(path.parent), reject_cjk, lazy_jpeg
         self.root = root                                              # relative paths resolve here
@@ -171,6 +181,8 @@ class CsvImageText(Dataset):
             header = next(rows, None)
             if header is None: raise ValueError(f'{path}: empty manifest (no header row)')
             header = [h.strip().lstrip('\ufeff') for h in header]
+            if dup := sorted({h for h in header if h and header.count(h) > 1}):
+                raise ValueError(f'{path}: the header repeats the column name(s) {dup}: which column is meant is ambiguous; give each column its own name')
             if image_key not in header or caption_key not in header: raise _missing_columns(path, header, sep, image_key, caption_key)
             ii, ci = header.index(image_key), header.index(caption_key)
             while True:
@@ -220,7 +232,7 @@ class _StringTable:
 class JsonlImageText(Dataset):
     "Image-text pairs from official DeCLIP JSON-lines meta; `__getitem__(i) -> (PIL.Image RGB, first caption)` or raises `BadSample`."
     def __init__(self, path, root=None, reject_cjk: bool = False, lazy_jpeg: bool = False):
-        path = _require_file(path, 'JSON-lines meta file')
+        path = _require_file(path, 'JSON-lines meta file'); _require_utf8(path, 'JSON-lines meta file')
         if root is not None and not Path(root).is_dir(): raise FileNotFoundError(f'image root folder not found: {root} (for {path})')
         root = str(root) if root is not None else str(path.parent)
         self.root, self.reject_cjk, self.lazy_jpeg = root, reject_cjk, lazy_jpeg
