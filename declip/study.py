@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_study.ipynb #0aa17b37
 from __future__ import annotations
-import hashlib, json, os, shutil, subprocess, sys, tempfile, threading, time
+import hashlib, json, os, shutil, subprocess, sys, tempfile, threading, time, warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from datetime import datetime, timezone
 from pathlib import Path
@@ -258,9 +258,19 @@ def write_record(record:dict, folder) -> Path:
     return path
 
 def read_record(folder, key:str) -> dict|None:
-    "The record of run `key` in `folder`, or None."
+    "The record of run `key` in `folder`, or None; a record that does not read (truncated, not JSON) is None too, with a warning naming the file."
     p = Path(folder) / f'{key}.json'
-    return json.loads(p.read_text()) if p.exists() else None
+    if not p.exists(): return None
+    try: rec = json.loads(p.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        warnings.warn(f"{p}: not a readable run record ({type(e).__name__}: {e}); the run counts as missing. Restore the file "
+                      f"(git checkout -- {p}) or delete it to train the run again", stacklevel=2)
+        return None
+    if not isinstance(rec, dict) or rec.get('key') != key:
+        warnings.warn(f"{p}: not the record of run {key} (a {type(rec).__name__}" + (f" of run {rec.get('key')}" if isinstance(rec, dict) else '')
+                      + "); the run counts as missing", stacklevel=2)
+        return None
+    return rec
 
 # %% ../nbs/11_study.ipynb #c025c8de
 def _folders(records) -> list:
