@@ -507,10 +507,13 @@ class WebDatasetImageText(IterableDataset):
 # %% ../nbs/02_datasets.ipynb #560e2637
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 
-def _image_files(folder: str) -> list[str]:
+def _image_files(folder: str, links: list | None = None) -> list[str]:
+    "The image files under `folder`, sorted; links to folders are not followed (a loop, or the same images twice) but appended to `links`."
     found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
+    for dirpath, dirnames, filenames in os.walk(folder):
+        linked = {d for d in dirnames if os.path.islink(os.path.join(dirpath, d))}
+        if links is not None: links += [os.path.join(dirpath, d) for d in sorted(linked)]
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith('.') and d not in linked)
         found += [os.path.join(dirpath, f) for f in sorted(filenames)
                   if not f.startswith('.') and f.lower().endswith(IMAGE_EXTENSIONS)]
     return found
@@ -519,7 +522,9 @@ def image_folder(path, classnames_file=None, templates=None) -> ClassificationSe
     "An ImageFolder tree (`path/<class>/<image>`) as a `ClassificationSet`; class names from folders ('_' -> ' ') or `classnames_file`."
     path = Path(path)
     if not path.is_dir(): raise FileNotFoundError(f'image folder not found: {path}')
-    folders = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith('.'))
+    entries = sorted((d for d in path.iterdir() if d.is_dir() and not d.name.startswith('.')), key=lambda d: d.name)
+    links = [str(d) for d in entries if d.is_symlink()]                  # a linked class folder: out of the tree, or in twice
+    folders = [d.name for d in entries if not d.is_symlink()]
     if not folders: raise ValueError(f'{path} has no class subfolders; expected the ImageFolder layout {path}/<class name>/<image>')
     if classnames_file is not None:
         classnames = [l.strip() for l in _require_file(classnames_file, 'class-names file').read_text().splitlines() if l.strip()]
@@ -527,10 +532,14 @@ def image_folder(path, classnames_file=None, templates=None) -> ClassificationSe
             raise ValueError(f'{classnames_file} has {len(classnames)} names but {path} has {len(folders)} class folders '
                              f'(one name per line, in sorted folder order: {folders[:3]}...)')
     else: classnames = [f.replace('_', ' ') for f in folders]
+    files = {f: _image_files(str(path / f), links) for f in folders}
+    empty = [f for f in folders if not files[f]]
+    if len(empty) == len(folders): raise ValueError(f'{path}: no images with extensions {IMAGE_EXTENSIONS} in its {len(folders)} class folders')
+    if empty: warnings.warn(f'{path}: class folder(s) {empty} hold no images: not classes', stacklevel=2)
+    if links: warnings.warn(f'{path}: {len(links)} link(s) to folders not followed (e.g. {links[:2]}): an ImageFolder stays inside its own tree', stacklevel=2)
+    classnames = [n for f, n in zip(folders, classnames) if files[f]]
     items, labels = [], []
-    for label, folder in enumerate(folders):
-        files = _image_files(str(path / folder))
-        items += files; labels += [label] * len(files)
-    if not items: raise ValueError(f'{path}: no images with extensions {IMAGE_EXTENSIONS} in its {len(folders)} class folders')
+    for label, folder in enumerate(f for f in folders if files[f]):
+        items += files[folder]; labels += [label] * len(files[folder])
     return ClassificationSet(items, labels, classnames, list(templates) if templates else ['a photo of a {}.'],
                              source=f'imagefolder:{path} ({len(items)} images, {len(classnames)} classes)')
