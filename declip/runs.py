@@ -74,10 +74,10 @@ class Checkpointer:
     def last(self) -> Path: return self.dir / 'last.pt'
 
     def resume_path(self, resume) -> Path | None:
-        "The file `resume` names: True/'true'/'last' = last.pt (must exist), 'auto' = last.pt if any, else a path; None/False = none."
+        "The file `resume` names: True/'true'/'last' = last.pt (must exist, or a step checkpoint), 'auto' = the same if there is any, else a path; None/False = none."
         if resume in (None, False, 'false', 'False', ''): return None
         if resume in (True, 'true', 'True', 'auto', 'last'):
-            if self.last.exists(): return self.intact_last()
+            if self.last.exists() or any(self.dir.glob('step_*.pt')): return self.intact_last()     # never start over a run's step files
             if resume == 'auto': return None
             raise FileNotFoundError(f"resume={resume!r}: no checkpoint at {self.last}")
         if not Path(resume).exists(): raise FileNotFoundError(f"resume={resume!r}: no such checkpoint file")
@@ -85,15 +85,17 @@ class Checkpointer:
         return Path(resume)
 
     def intact_last(self) -> Path:
-        "last.pt when it loads, else the newest step checkpoint that does (saying so); none: ValueError."
+        "last.pt when it loads, else the newest step checkpoint that does (saying so); none: ValueError naming them."
         try: load_checkpoint_file(self.last, keys=CHECKPOINT_KEYS); return self.last
-        except ValueError as e: why = e
+        except (ValueError, FileNotFoundError) as e: why = e
         for p in sorted(self.dir.glob('step_*.pt'), reverse=True):
             try: load_checkpoint_file(p, keys=CHECKPOINT_KEYS)
             except ValueError: continue
             warnings.warn(f"{self.last} is unreadable ({why}); resuming from {p.name}, the newest intact checkpoint")
             return p
-        raise ValueError(f"{self.last} is unreadable and no intact step checkpoint is left: {why}")
+        steps = sorted(p.name for p in self.dir.glob('step_*.pt'))
+        raise ValueError(f"{self.last} is unreadable and no intact step checkpoint is left ({steps or 'none'}): {why}; "
+                         "nothing was started or deleted: restore a checkpoint or choose another output_dir")
 
     def save(self, state, model, optimizer, scaler, config: dict, device, best: bool = False):
         "Write the checkpoint of `state.step`; point last.pt (and best.pt) at it; drop step files beyond `keep`."

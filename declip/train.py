@@ -126,7 +126,7 @@ def _resolve_output(p: dict) -> Path | None:
     _check_output_dir(out)
     if int(os.environ.get('RANK', '0')) == 0: RunLock(out).check()     # a folder in use says so first (rank 0 holds it)
     resume_path = ckpt.resume_path(p['resume'])
-    if p['resume'] in (None, False, 'false', 'False', '') and ((out / 'config.json').exists() or ckpt.last.exists()):
+    if p['resume'] in (None, False, 'false', 'False', '') and ((out / 'config.json').exists() or ckpt.last.exists() or any(ckpt.dir.glob('step_*.pt'))):
         raise FileExistsError(f"output_dir={str(out)!r} holds another run; pass resume=True to continue it, or choose another output_dir")
     return resume_path
 
