@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_pipeline.ipynb #41712531
 from __future__ import annotations
-import hashlib, inspect, json, math, os, random, re, types, warnings
+import hashlib, inspect, json, math, os, random, re, signal, types, warnings
 import multiprocessing as mp
 from multiprocessing.context import get_spawning_popen
 from collections import Counter
@@ -23,12 +23,12 @@ from .synthetic import SyntheticImageText, synthetic_eval_sets
 from .openclipart import OpenClipArt, openclipart_eval_sets
 
 # %% auto #0
-__all__ = ['DATA_KINDS', 'DATA_SPEC_FORMS', 'VIEW_DEVICES', 'REPLACE_TRIES', 'HOLDOUT_KINDS', 'HOLDOUT_SHARE', 'HOLDOUT_MIN',
-           'HOLDOUT_MAX', 'HOLDOUT_MIN_IMAGES', 'DataSpec', 'parse_data_spec', 'ClassCaptionData', 'open_train_data',
-           'open_eval_data', 'default_eval_data', 'Skipped', 'key_to_index', 'sample_seeds', 'shuffle_seed',
-           'draft_jpeg', 'SamplePipeline', 'replacement_indices', 'TrainData', 'TrainStream', 'collate', 'finish_batch',
-           'EpochSampler', 'TrainLoader', 'reader_defaults', 'make_train_loader', 'EvalImages', 'make_eval_loader',
-           'holdout_size', 'spec_with', 'DataPlan', 'default_data']
+__all__ = ['DATA_KINDS', 'DATA_SPEC_FORMS', 'VIEW_DEVICES', 'REPLACE_TRIES', 'STOP_SIGNALS', 'HOLDOUT_KINDS', 'HOLDOUT_SHARE',
+           'HOLDOUT_MIN', 'HOLDOUT_MAX', 'HOLDOUT_MIN_IMAGES', 'DataSpec', 'parse_data_spec', 'ClassCaptionData',
+           'open_train_data', 'open_eval_data', 'default_eval_data', 'Skipped', 'key_to_index', 'sample_seeds',
+           'shuffle_seed', 'draft_jpeg', 'SamplePipeline', 'replacement_indices', 'TrainData', 'TrainStream', 'collate',
+           'finish_batch', 'EpochSampler', 'TrainLoader', 'reader_defaults', 'ignore_stop_signals', 'make_train_loader',
+           'EvalImages', 'make_eval_loader', 'holdout_size', 'spec_with', 'DataPlan', 'default_data']
 
 # %% ../nbs/04_pipeline.ipynb #3f5abc12
 DATA_KINDS = ('synthetic', 'csv', 'tsv', 'jsonl', 'wds', 'imagefolder', 'openclipart')
@@ -489,6 +489,13 @@ def reader_defaults(spec, image_size: int, rank: int = 0, world_size: int = 1, e
     if kind == 'synthetic': return dict(image_size=image_size)
     return dict(rank=rank, world_size=world_size, epoch=epoch, seed=seed) if kind == 'wds' else {}
 
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ('SIGINT', 'SIGTERM', 'SIGUSR1') if hasattr(signal, n))   # what stops a run at a step
+
+def ignore_stop_signals(worker_id: int = 0):
+    "A DataLoader worker's start: ignore a terminal's Ctrl-C and a pre-emption warning (SIGINT, SIGUSR1), which the main process turns into a stop at a step; SIGTERM still ends a worker (the DataLoader's shutdown and the interpreter's exit send it)."
+    for s in STOP_SIGNALS:
+        if s != signal.SIGTERM: signal.signal(s, signal.SIG_IGN)
+
 def make_train_loader(spec: str | DataSpec | Dataset | IterableDataset, batch_size: int, image_views=('mocov2', 'mocov2'), image_size: int = 64,
                       text_aug: bool = True, mlm: bool = True, context_length: int = 77, workers: int = 0, seed: int = 0,
                       epoch: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = True, start_batch: int = 0,
@@ -510,7 +517,7 @@ def make_train_loader(spec: str | DataSpec | Dataset | IterableDataset, batch_si
                               decode_device=decode_device)
     loader_args = dict(batch_size=batch_size, drop_last=drop_last, num_workers=workers, collate_fn=collate,
                        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-                       prefetch_factor=prefetch_factor if workers > 0 else None,
+                       prefetch_factor=prefetch_factor if workers > 0 else None, worker_init_fn=ignore_stop_signals if workers > 0 else None,
                        # the DataLoader draws its worker base seed from this, not from the global torch RNG
                        generator=torch.Generator().manual_seed(shuffle_seed(seed, 0)))
     if isinstance(reader, IterableDataset):

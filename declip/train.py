@@ -6,7 +6,7 @@
 __all__ = ['DATA_ORDER', 'TERM_GRACE_S', 'SUMMARY_METRICS', 'RunConfig', 'resolve_run', 'TrainingError', 'TrainState', 'Setup',
            'resolve_view_device', 'setup_run', 'run_config_dict', 'start_run', 'chance_levels', 'Meter',
            'micro_batches', 'epoch_loader', 'train_record', 'primary_score', 'evaluate_run', 'after_step',
-           'train_epochs', 'finish_run', 'sigterm_flag', 'train', 'train_parser', 'train_cli', 'closing_summary',
+           'train_epochs', 'finish_run', 'stop_signals', 'train', 'train_parser', 'train_cli', 'closing_summary',
            'train_local']
 
 # %% ../nbs/09_train.ipynb #e7b892f4
@@ -21,7 +21,7 @@ from fastcore.script import bool_arg, Param
 from fastcore.docments import docments
 from .models import DeCLIP, ModelConfig, METHODS, SWITCHES, ALIASES, canonical_switches, model_config
 from .encoders import IMAGE_ENCODERS, TEXT_ENCODERS
-from .pipeline import parse_data_spec, open_train_data, make_train_loader, default_data, reader_defaults, SamplePipeline, VIEW_DEVICES, finish_batch
+from .pipeline import parse_data_spec, open_train_data, make_train_loader, default_data, reader_defaults, SamplePipeline, VIEW_DEVICES, finish_batch, STOP_SIGNALS
 from .device import (PRECISIONS, setup_distributed, leave_distributed, seed_all, to_device, equal_batches, unwrap,
                            sum_counts_over_ranks, mean_over_ranks, threading_main, peak_memory_mb)
 from .runs import (Checkpointer, MetricsLog, RunLock, CHECKPOINT_KEYS, environment_info, plot_run, git_commit, read_metrics,
@@ -433,7 +433,7 @@ def after_step(run, s, state, finite, out, meter, log, ckpt, cfg, stop, bar) -> 
     improved = False
     if run.eval_every and state.step % run.eval_every == 0 and state.step < total: _, improved = evaluate_run(run, s, state, log)
     if (run.save_every and state.step % run.save_every == 0) or improved: _save(ckpt, s, state, cfg, best=improved)
-    if stop['signal'] is not None: _disarm(); _save(ckpt, s, state, cfg); raise SystemExit(128 + stop['signal'])
+    _stop_on_signal(stop, ckpt, s, state, cfg)
     return state.step >= total
 
 def _save(ckpt, s, state, cfg, best=False):
@@ -444,9 +444,21 @@ def _save(ckpt, s, state, cfg, best=False):
     ckpt.save(state, s.model, s.opt, s.scaler, cfg, s.device, best=best)
 
 # %% ../nbs/09_train.ipynb #7248ffcc
+def _agreed_signal(stop, s) -> int | None:
+    "The signal the run stops for: this process's; under DDP the largest of every rank's, so that all ranks stop at the same step."
+    if s.world == 1: return stop['signal']
+    t = torch.tensor([stop['signal'] or 0], device=s.device if s.device.type == 'cuda' else 'cpu')
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item()) or None
+
 def _stop_on_signal(stop, ckpt, s, state, cfg):
-    "SIGTERM seen: checkpoint this step, exit 128 + signal."
-    if stop['signal'] is not None: _disarm(); _save(ckpt, s, state, cfg); raise SystemExit(128 + stop['signal'])
+    "A stop signal seen (by any rank): checkpoint this step, say so in one line, exit 128 + signal."
+    signum = _agreed_signal(stop, s)
+    if signum is None: return
+    _disarm(); _save(ckpt, s, state, cfg)
+    if s.is_main: print(f"declip-train: stopped by {_signal_name(signum)} at step {state.step}; checkpoint {ckpt.last}; "
+                        "to continue, run the same command with --resume true (train(..., resume=True))", file=sys.stderr, flush=True)
+    raise SystemExit(128 + signum)
 
 def train_epochs(run, s, state, meter, log, ckpt, cfg, stop, bar, _stop_after=None) -> bool:
     "Run epochs of optimiser steps from `state` until the last step (see above)."
@@ -458,8 +470,14 @@ def train_epochs(run, s, state, meter, log, ckpt, cfg, stop, bar, _stop_after=No
         batches = micro_batches(loader, state, s, meter, run.batch_size, run.train_data)
         while True:
             lr = lr_at(state.step + 1, sch['total_steps'], r['lr'], r['base_lr'], sch['warmup_steps'], run.min_lr)
-            out, finite, n = train_step(s.ddp, itertools.islice(batches, run.accum_steps), s.opt, lr, s.scaler,
-                                        run.precision, run.accum_steps, r['logit_scale_clamp'], fwd=s.fwd)
+            at = state.batch_in_epoch
+            try: out, finite, n = train_step(s.ddp, itertools.islice(batches, run.accum_steps), s.opt, lr, s.scaler,
+                                             run.precision, run.accum_steps, r['logit_scale_clamp'], fwd=s.fwd)
+            except RuntimeError:                                # e.g. the DataLoader's workers ended by the same signal
+                if stop['signal'] is None: raise
+                state.batch_in_epoch = at; s.opt.zero_grad(set_to_none=True)
+                _stop_on_signal(stop, ckpt, s, state, cfg)      # at the last completed step (its batches not counted as used)
+                raise
             if n < run.accum_steps:                             # the epoch's batches ran out: count what no batch carried
                 state.count_skipped(loader.take_unreported()); break
             state.step += 1
@@ -494,27 +512,38 @@ def finish_run(run, s, state, meter, log, ckpt, cfg) -> dict:
     return summary
 
 # %% ../nbs/09_train.ipynb #9e1f63ed
-TERM_GRACE_S = 120      # after SIGTERM, this long to reach a step (and its checkpoint) before exiting without one
+TERM_GRACE_S = 120      # after a stop signal, this long to reach a step (and its checkpoint) before exiting without one
+
+def _signal_name(signum) -> str:
+    try: return signal.Signals(signum).name
+    except ValueError: return f'signal {signum}'
 
 @contextmanager
-def sigterm_flag(grace: float = None):
-    "Within the block, SIGTERM sets `flag['signal']` instead of killing the process; without a step `grace` s later, exit anyway."
+def stop_signals(grace: float = None):
+    "Within the block, SIGINT, SIGTERM and SIGUSR1 (`pipeline.STOP_SIGNALS`) set `flag['signal']` instead of killing the process; a second one, or no step `grace` s later, exits at once."
     flag, grace = {'signal': None}, TERM_GRACE_S if grace is None else grace
-    def on_term(signum, frame):
+    def on_stop(signum, frame):
+        if flag['signal'] is not None:          # a second signal: now (every checkpoint file is written atomically)
+            print(f"declip-train: {_signal_name(signum)} during the stop: stopped at once; the last checkpoint is the one to resume from",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(128 + flag['signal'])
         flag['signal'] = signum; signal.setitimer(signal.ITIMER_REAL, grace)
+        if hasattr(signal, 'SIGCHLD'): signal.signal(signal.SIGCHLD, signal.SIG_DFL)   # workers the signal ended: no error from torch's handler mid-checkpoint
     def on_alarm(signum, frame):
-        print(f"declip-train: stopped by signal {flag['signal']}: no step for {grace:g} s to checkpoint at; "
-              "the last checkpoint is the one to resume from", file=sys.stderr)
+        print(f"declip-train: stopped by {_signal_name(flag['signal'])}: no step for {grace:g} s to checkpoint at; "
+              "the last checkpoint is the one to resume from", file=sys.stderr, flush=True)
         raise SystemExit(128 + flag['signal'])
     if not threading_main(): yield flag; return
-    old = signal.signal(signal.SIGTERM, on_term), signal.signal(signal.SIGALRM, on_alarm)
+    old = {s: signal.signal(s, on_stop) for s in STOP_SIGNALS}
+    old[signal.SIGALRM] = signal.signal(signal.SIGALRM, on_alarm)
+    if hasattr(signal, 'SIGCHLD'): old[signal.SIGCHLD] = signal.getsignal(signal.SIGCHLD)
     try: yield flag
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGTERM, old[0]); signal.signal(signal.SIGALRM, old[1])
+        for s, h in old.items(): signal.signal(s, h if h is not None else signal.SIG_DFL)
 
 def _disarm():
-    "A step was reached after SIGTERM: its checkpoint is written, not cut short by the grace timer."
+    "A step was reached after a stop signal: its checkpoint is written, not cut short by the grace timer."
     if threading_main(): signal.setitimer(signal.ITIMER_REAL, 0)
 
 def _progress(total, initial, enabled):
@@ -591,7 +620,7 @@ def _train(run: RunConfig, _stop_after=None):
     meter = Meter(last_step=state.step)
     bar = _progress(s.schedule['total_steps'], state.step, run.progress and s.is_main)
     try:
-        with sigterm_flag() as stop:
+        with stop_signals() as stop:
             log.open()
             done = train_epochs(run, s, state, meter, log, ckpt, cfg, stop, bar, _stop_after)
             summary = finish_run(run, s, state, meter, log, ckpt, cfg) if done else None

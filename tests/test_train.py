@@ -49,12 +49,13 @@ def _train_losses(out):
     return {r['step']: r['loss'] for r in _records(out) if r['type'] == 'train'}
 
 
-def _start_slow(workdir, out, delay=0.1, **params):
+def _start_slow(workdir, out, delay=0.1, script_text=SLOW_TRAIN, **params):
+    "The slowed run in its own process group (a signal to the group reaches it and its DataLoader workers, not pytest)."
     script = workdir / 'slow_train.py'
-    script.write_text(SLOW_TRAIN)
+    script.write_text(script_text)
     err = open(workdir / f'{Path(out).name}.stderr', 'w')
     argv = [sys.executable, str(script), str(delay)] + train_args(**dict(RUN, output_dir=out, **params))[1:]
-    return subprocess.Popen(argv, env=cpu_env(), stdout=subprocess.DEVNULL, stderr=err), err.name
+    return subprocess.Popen(argv, env=cpu_env(), stdout=subprocess.DEVNULL, stderr=err, start_new_session=True), err.name
 
 
 def _wait_for(proc, stderr_file, condition, what, timeout=180):
@@ -118,6 +119,49 @@ def test_sigterm_saves_and_exits_then_resumes(workdir, reference):
     assert not (out / 'summary.json').exists()
     run_ok(train_args(**dict(RUN, output_dir=out, resume=True)), timeout=240)
     _assert_same_final_state(out, reference)
+
+
+@pytest.mark.parametrize('sig,workers', [(signal.SIGINT, 0), (signal.SIGINT, 2), (signal.SIGTERM, 0), (signal.SIGTERM, 2)],
+                         ids=['SIGINT-0', 'SIGINT-2', 'SIGTERM-0', 'SIGTERM-2'])
+def test_group_signal_stops_at_a_step_then_resumes(workdir, reference, sig, workers):
+    "A stop signal to the whole process group, DataLoader workers included (a terminal's Ctrl-C, Slurm's scancel, docker stop): "
+    "the run checkpoints the step it reached, says so in one line, exits 128 + signal, no traceback; resuming finishes it exactly."
+    out = workdir / 'run'
+    proc, stderr_file = _start_slow(workdir, out, workers=workers)
+    logged = lambda: [r['step'] for r in _records(out) if r['type'] == 'train'] if (out / 'metrics.jsonl').exists() else []
+    _wait_for(proc, stderr_file, lambda: len(logged()) >= 3, 'step 3')
+    os.killpg(proc.pid, sig)
+    rc = proc.wait(timeout=60)
+    err = Path(stderr_file).read_text()
+    assert rc == 128 + sig and 'Traceback' not in err, (rc, err[-3000:])
+    stopped = load_ckpt(out / 'checkpoints' / 'last.pt')
+    assert stopped['step'] == max(logged()) and 3 <= stopped['step'] < RUN['max_steps'], (stopped['step'], logged())
+    assert f"stopped by {signal.Signals(sig).name} at step {stopped['step']}; checkpoint " in err, err[-2000:]
+    run_ok(train_args(**dict(RUN, output_dir=out, workers=workers, resume=True)), timeout=240)
+    _assert_same_final_state(out, reference)
+
+
+SLOW_STOP = SLOW_TRAIN.replace("T.lr_at = slow_lr_at", """T.lr_at = slow_lr_at
+disarm = T._disarm
+def slow_disarm():                       # the stop's checkpoint comes 5 s after the step: time for a second signal
+    disarm(); print('STOPPING', file=sys.stderr, flush=True); time.sleep(5)
+T._disarm = slow_disarm""")
+
+
+def test_second_signal_during_the_stop_ends_it_at_once(workdir):
+    "A second signal while the run stops: it ends at once with the first signal's code, no traceback, its last checkpoint intact."
+    out = workdir / 'run'
+    proc, stderr_file = _start_slow(workdir, out, script_text=SLOW_STOP)
+    logged = lambda: [r['step'] for r in _records(out) if r['type'] == 'train'] if (out / 'metrics.jsonl').exists() else []
+    _wait_for(proc, stderr_file, lambda: len(logged()) >= 3, 'step 3')
+    os.killpg(proc.pid, signal.SIGTERM)
+    _wait_for(proc, stderr_file, lambda: 'STOPPING' in Path(stderr_file).read_text(), 'the stop')
+    t0 = time.time(); os.killpg(proc.pid, signal.SIGINT)
+    rc = proc.wait(timeout=60)
+    err = Path(stderr_file).read_text()
+    assert rc == 128 + signal.SIGTERM and time.time() - t0 < 4 and 'Traceback' not in err, (rc, err[-3000:])
+    assert 'SIGINT during the stop: stopped at once' in err, err[-2000:]
+    assert load_ckpt(out / 'checkpoints' / 'last.pt')['step'] in (2, 4)     # the last periodic checkpoint (save_every 2), whole
 
 
 # ---------------------------------------------------------------------------------------------------- the CLI
