@@ -184,7 +184,7 @@ def default_eval_data(train_data: str | DataSpec) -> str:
     spec = parse_data_spec(train_data)
     if spec.kind == 'synthetic': return 'synthetic'
     if spec.kind != 'openclipart': return ''
-    options = {'split': 'val'} | {k: v for k, v in spec.options.items() if k in ('cache', 'max_side')}
+    options = {'split': 'val'} | {k: v for k, v in spec.options.items() if k in ('cache', 'max_side', 'layout')}
     return ':'.join(['openclipart'] + ([spec.path] if spec.path else []) + [','.join(f'{k}={v}' for k, v in options.items())])
 
 # %% ../nbs/04_pipeline.ipynb #6dc38b4c

@@ -19,9 +19,9 @@ from .train import train, primary_score
 
 # %% auto #0
 __all__ = ['ABLATION_VARIANTS', 'VARIANT_GROUPS', 'KEY_NAMES', 'FINAL_WEIGHTS', 'REPORTS', 'test_split_spec', 'study_run',
-           'run_cost', 'run_key', 'subset_sizes', 'subset_spec', 'test_checkpoints', 'train_and_test', 'run_record',
-           'write_record', 'read_record', 'run_grid', 'record_row', 'incomplete_grid_note', 'per_item_note',
-           'cut_grid_note', 'mean_std', 'difference', 'compare', 'paired_interval', 'holm', 'verdict',
+           'uses_queue', 'run_cost', 'run_key', 'subset_sizes', 'subset_spec', 'test_checkpoints', 'train_and_test',
+           'run_record', 'write_record', 'read_record', 'run_grid', 'record_row', 'incomplete_grid_note',
+           'per_item_note', 'cut_grid_note', 'mean_std', 'difference', 'compare', 'paired_interval', 'holm', 'verdict',
            'detectable_difference', 'learning_curves', 'mean_curve', 'budget_rule', 'compute_ratio', 'equal_compute',
            'best_final_table', 'plot_learning_curves', 'saving_factor', 'execute_notebooks', 'default_runs_dir',
            'regenerate', 'reports_cli', 'shared_folders']
@@ -93,6 +93,11 @@ def study_run(variant:str, seed:int, train_size:int|None, steps:int, batch_size:
     data = f'n{train_size}' if kind == 'synthetic' else kind + (f'-f{fraction:g}' if fraction else '')
     return dict(name=f'{variant}-{data}-s{seed}', variant=variant, method=params['method'], seed=seed, train_size=train_size,
                 train_fraction=fraction or 1.0, test_data=test_split_spec(eval_data), params=params)
+
+def uses_queue(variant:str) -> bool:
+    "Whether a variant of `ABLATION_VARIANTS` trains with the nearest-neighbour queue."
+    v = ABLATION_VARIANTS[variant]
+    return bool(v.get('nearest_neighbour', METHODS[v['method']].switches.get('nearest_neighbour', False)))
 
 def run_cost(run):
     "A run's rough cost, to start long runs first: its method's step cost relative to CLIP (`models.Method`) x its steps."
@@ -598,6 +603,8 @@ REPORTS = {
         against={'DeCLIP, MoCo v2 without colour': 'DeCLIP', 'DeCLIP, MoCo v2 without blur': 'DeCLIP', 'DeCLIP': 'DeCLIP, standard views'})),
     'openclipart-data-efficiency': dict(notebook='nbs/openclipart_study.ipynb', output_param='output', jobs=True, train=True, parameters=dict(
         variants=['CLIP', 'DeCLIP'], fractions=[0.25, 0.5, 1.0], seeds=2, compute_seeds=0, shared=['openclipart-headline'])),
+    'evidence-pilot':    dict(notebook='nbs/openclipart_study.ipynb', output_param='output', jobs=True, train=True, parameters=dict(
+        variants=['CLIP', 'DeCLIP'], seeds=1, compute_seeds=0, layout='60-10-30', coarse=True, nn_queue=0.25)),
     'train-declip-32ep': dict(notebook='nbs/train.ipynb', parameters=dict(epochs=32), output_param='output_dir'),
     'train-clip-32ep':   dict(notebook='nbs/train.ipynb', parameters=dict(epochs=32, method='clip'), output_param='output_dir'),
     'performance':       dict(script='benchmarks/step.py', smoke_args=['--quick'], report='performance'),
