@@ -397,8 +397,8 @@ def stratified_split(y: torch.Tensor, fraction: float, seed: int):
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                  val_fraction: float = 0.2, l2_grid: Sequence[float] | None = None, max_iter: int = 1000,
-                 seed: int = 0) -> dict:
-    "Logistic-regression probe: sweep L2 on a validation split, refit on train+val, score test -> dict(top1, best_l2, ...)."
+                 seed: int = 0, per_item: bool = False) -> dict:
+    "Logistic-regression probe: sweep L2 on a validation split, refit on train+val, score test -> dict(top1, best_l2, ...); `per_item`: each test item's true class and top-5."
     train_x, test_x = train_x.double(), test_x.double().to(train_x.device)
     train_y, test_y = torch.as_tensor(train_y).long().to(train_x.device), torch.as_tensor(test_y).long().to(train_x.device)
     if len(train_x) != len(train_y) or len(test_x) != len(test_y) or train_x.shape[1:] != test_x.shape[1:] or train_x.ndim != 2:
@@ -419,8 +419,10 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
         best_l2, val_top1 = max(sweep, key=lambda s: s[1])  # max() keeps the first, i.e. strongest, of equals
     else: best_l2, val_top1 = grid[0], None
     W, b = fit_logistic_regression(train_x, train_y, num_classes, best_l2, max_iter)
-    metrics = classification_metrics(test_x @ W + b, test_y)
-    return dict(metrics, best_l2=best_l2, val_top1=val_top1, sweep=sweep, num_classes=num_classes)
+    logits = test_x @ W + b
+    metrics = classification_metrics(logits, test_y)
+    items = {'per_item': classification_items(logits, test_y, range(len(test_y)))} if per_item else {}
+    return dict(metrics, best_l2=best_l2, val_top1=val_top1, sweep=sweep, num_classes=num_classes, **items)
 
 # %% ../nbs/08_evaluation.ipynb #d1503643
 def linear_probe_eval(model, train_set, test_set, transform: Callable | None = None, batch_size: int = 256, device=None,
@@ -430,6 +432,9 @@ def linear_probe_eval(model, train_set, test_set, transform: Callable | None = N
     train_x, train_y = extract_features(model, train_set, transform, batch_size, device, workers, normalize, progress, skipped=bad_train)
     test_x, test_y = extract_features(model, test_set, transform, batch_size, device, workers, normalize, progress, skipped=bad_test)
     res = linear_probe(train_x, train_y, test_x, test_y, **probe_kwargs)
+    if 'per_item' in res and bad_test:                   # ids are positions in the test set: skip the unreadable ones
+        kept = [i for i in range(len(test_set)) if i not in set(bad_test)]
+        res['per_item']['ids'] = [kept[i] for i in res['per_item']['ids']]
     return res | ({'skipped_images': len(bad_train) + len(bad_test)} if bad_train or bad_test else {})
 
 # %% ../nbs/08_evaluation.ipynb #9612a3fe

@@ -92,9 +92,10 @@ def parse_probe_data(probe_data) -> list[tuple[str | None, str, str | None]]:
             if s is None: continue
             try: kind = parse_data_spec(s).kind
             except ValueError as e: raise ValueError(f"probe_data entry {it!r} is not '[name=]spec[|test_spec]': {e}") from None
-            if kind not in ('imagefolder', 'synthetic'):
+            if kind not in ('imagefolder', 'synthetic', 'transfer'):
                 raise ValueError(f"probe_data entry {it!r}: {kind} specs hold image-text pairs, but a linear probe needs "
-                                 'labelled images; use imagefolder:PATH or synthetic')
+                                 'labelled images; use imagefolder:PATH, synthetic or transfer (the packaged suite)')
+            if kind == 'transfer' and test_spec: raise ValueError(f"probe_data entry {it!r}: the transfer sets carry their own test parts; give no |test_spec")
         out.append((name, train_spec, test_spec or None))
     return out
 
@@ -126,6 +127,9 @@ def open_probe_sets(probe_data, image_size: int, test_fraction: float = 0.5, see
                 if train_sets[k].classnames != test_sets[k].classnames:
                     raise ValueError(f'probe_data {spec}|{test_spec}: train and test have different classes')
                 out[key(k)] = (train_sets[k], test_sets[k])
+        elif parsed.kind == 'transfer':
+            from declip.transfer import transfer_from_spec
+            for k, ps in transfer_from_spec(parsed).items(): out[key(k)] = (ps.train, ps.test)
         elif parsed.kind == 'synthetic':
             options = {'n_retrieval': '1', **parsed.options}          # the probe needs no retrieval set
             seed = int(options.get('seed', 0))
@@ -171,9 +175,10 @@ def evaluate(model_or_checkpoint, eval_data=None, probe_data=None, device=None, 
         with autocast(device, precision):
             r = linear_probe_eval(model, train_set, test_set, tf, batch_size=batch_size, device=device, workers=workers,
                                   progress=progress, val_fraction=probe_val_fraction, l2_grid=probe_l2_grid,
-                                  max_iter=probe_max_iter, seed=probe_seed)
+                                  max_iter=probe_max_iter, seed=probe_seed, per_item=per_item)
         results[f'probe.{name}'] = {k: float(v) for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         results[f'probe.{name}'].update(train_images=float(len(train_set)), test_images=float(len(test_set)))
+        if per_item: results[f'probe.{name}']['per_item'] = r['per_item']
     return results
 
 # %% ../nbs/10_inference.ipynb #09463685

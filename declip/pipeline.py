@@ -21,6 +21,7 @@ from .datasets import (BadSample, ClassificationSet, CsvImageText, JsonlImageTex
                              WebDatasetImageText, count_images, expand_shard_patterns, image_folder)
 from .synthetic import SyntheticImageText, synthetic_eval_sets
 from .openclipart import OpenClipArt, openclipart_eval_sets
+from .openmoji import openmoji_eval_sets
 
 # %% auto #0
 __all__ = ['DATA_KINDS', 'DATA_SPEC_FORMS', 'VIEW_DEVICES', 'REPLACE_TRIES', 'STOP_SIGNALS', 'HOLDOUT_KINDS', 'HOLDOUT_SHARE',
@@ -31,9 +32,10 @@ __all__ = ['DATA_KINDS', 'DATA_SPEC_FORMS', 'VIEW_DEVICES', 'REPLACE_TRIES', 'ST
            'EvalImages', 'make_eval_loader', 'holdout_size', 'spec_with', 'DataPlan', 'default_data']
 
 # %% ../nbs/04_pipeline.ipynb #3f5abc12
-DATA_KINDS = ('synthetic', 'csv', 'tsv', 'jsonl', 'wds', 'imagefolder', 'openclipart')
+DATA_KINDS = ('synthetic', 'csv', 'tsv', 'jsonl', 'wds', 'imagefolder', 'openclipart', 'openmoji', 'transfer')
 DATA_SPEC_FORMS = ('synthetic[:k=v,...]', 'csv:PATH[:k=v,...]', 'tsv:PATH[:k=v,...]', 'jsonl:PATH[:ROOT][:k=v,...]',
-                   'wds:PATTERN[:k=v,...]', 'imagefolder:PATH[:k=v,...]', 'openclipart[:ROOT][:k=v,...]')
+                   'wds:PATTERN[:k=v,...]', 'imagefolder:PATH[:k=v,...]', 'openclipart[:ROOT][:k=v,...]',
+                   'openmoji[:ROOT][:k=v,...]', 'transfer[:NAME+NAME...][:k=v,...]')
 _OPTIONS = re.compile(r'[A-Za-z_]\w*=[^,=]*(,[A-Za-z_]\w*=[^,=]*)*')
 
 @dataclass
@@ -66,7 +68,7 @@ def parse_data_spec(spec: str | DataSpec) -> DataSpec:
     if kind == 'synthetic':
         if any(p.strip() for p in parts): raise _spec_error(spec, f'synthetic takes only k=v options, got {":".join(parts)!r}')
         return DataSpec(kind, options=options, spec=text)
-    if kind == 'openclipart': return DataSpec(kind, ':'.join(parts).strip() or None, options=options, spec=text)
+    if kind in ('openclipart', 'openmoji', 'transfer'): return DataSpec(kind, ':'.join(parts).strip() or None, options=options, spec=text)
     root = None
     if kind == 'jsonl' and len(parts) >= 2: root = parts.pop()
     path = ':'.join(parts)                     # a wds pattern may join patterns with '::'
@@ -126,6 +128,9 @@ class ClassCaptionData(Dataset):
     def __repr__(self): return f'captions {self.template!r} over {self.dataset!r}'
 
 # %% ../nbs/04_pipeline.ipynb #39c6349c
+_TRANSFER_ONLY_PROBE = ('data spec {spec!r}: the transfer suite holds linear-probe sets (a train and a test part each); '
+                        'give it as probe data (--probe_data transfer, evaluate(..., probe_data=...)), not as training or zero-shot data')
+
 def open_train_data(spec: str | DataSpec, **defaults) -> Dataset | IterableDataset:
     "The train reader a spec names: map-style `(image, caption)` or, for wds, a stream of `(key, image | BadSample, caption)`."
     spec = parse_data_spec(spec)
@@ -139,6 +144,10 @@ def open_train_data(spec: str | DataSpec, **defaults) -> Dataset | IterableDatas
     if spec.kind == 'openclipart':
         return _call_with_options(OpenClipArt, spec, spec.options, {'root': spec.path}, reserved=('root',),
                                   also_known=inspect.signature(openclipart_eval_sets).parameters)
+    if spec.kind == 'transfer': raise ValueError(_TRANSFER_ONLY_PROBE.format(spec=spec.spec))
+    if spec.kind == 'openmoji':
+        raise ValueError(f'data spec {spec.spec!r}: openmoji is evaluation-only, an out-of-distribution test set that is never trained on; '
+                         'train on another source and give it as eval data (--eval_data openmoji)')
     if spec.kind == 'imagefolder':
         _require(spec.path, 'image folder', spec, folder=True)
         return ClassCaptionData(_call_with_options(image_folder, spec, spec.options, {'path': spec.path}, reserved=('path',)))
@@ -164,7 +173,7 @@ def _open_pairs(spec: DataSpec, side: str, lazy_jpeg: bool = False) -> Dataset:
     except ValueError as e: raise ValueError(f'data spec {spec.spec!r}: {e}') from None
 
 def open_eval_data(spec: str | DataSpec, **defaults) -> ClassificationSet | RetrievalSet | dict:
-    "The evaluation set(s) a spec names: synthetic, openclipart -> dict of sets; imagefolder -> ClassificationSet; csv/tsv/jsonl -> RetrievalSet."
+    "The evaluation set(s) a spec names: synthetic, openclipart, openmoji -> dict of sets; imagefolder -> ClassificationSet; csv/tsv/jsonl -> RetrievalSet."
     spec = parse_data_spec(spec)
     if spec.kind == 'synthetic':
         return _call_with_options(synthetic_eval_sets, spec, spec.options, defaults,
@@ -172,7 +181,10 @@ def open_eval_data(spec: str | DataSpec, **defaults) -> ClassificationSet | Retr
     if spec.kind == 'openclipart':
         return _call_with_options(openclipart_eval_sets, spec, spec.options, {'root': spec.path, **defaults}, reserved=('root',),
                                   also_known=inspect.signature(OpenClipArt).parameters)
-    if spec.kind == 'wds': raise ValueError(f'data spec {spec.spec!r}: wds sources are train-only; evaluate on csv, tsv, jsonl, imagefolder, synthetic or openclipart')
+    if spec.kind == 'transfer': raise ValueError(_TRANSFER_ONLY_PROBE.format(spec=spec.spec))
+    if spec.kind == 'openmoji':
+        return _call_with_options(openmoji_eval_sets, spec, spec.options, {'root': spec.path, **defaults}, reserved=('root',))
+    if spec.kind == 'wds': raise ValueError(f'data spec {spec.spec!r}: wds sources are train-only; evaluate on csv, tsv, jsonl, imagefolder, synthetic, openclipart or openmoji')
     if spec.kind == 'imagefolder':
         _require(spec.path, 'image folder', spec, folder=True)
         return _call_with_options(image_folder, spec, spec.options, {'path': spec.path}, reserved=('path',))

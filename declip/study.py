@@ -4,27 +4,28 @@
 
 # %% ../nbs/11_study.ipynb #0aa17b37
 from __future__ import annotations
-import hashlib, json, os, shutil, subprocess, sys, tempfile, threading, time, warnings
+import hashlib, json, os, re, shutil, subprocess, sys, tempfile, threading, time, warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from datetime import datetime, timezone
 from pathlib import Path
 import numpy as np, pandas as pd
 from fastcore.script import call_parse, Param, store_true
 
-from .models import METHODS, ALIASES
+from .models import METHODS, ALIASES, ModelConfig
 from .pipeline import parse_data_spec, open_train_data, default_eval_data
 from .evaluation import split_named_entry
 from .runs import markdown_table, provenance, read_metrics, RunLock, RunDirLocked, git_commit, export_weights
 from .train import train, primary_score
 
 # %% auto #0
-__all__ = ['ABLATION_VARIANTS', 'VARIANT_GROUPS', 'KEY_NAMES', 'FINAL_WEIGHTS', 'REPORTS', 'test_split_spec', 'study_run',
-           'uses_queue', 'run_cost', 'run_key', 'subset_sizes', 'subset_spec', 'test_checkpoints', 'train_and_test',
-           'run_record', 'write_record', 'read_record', 'run_grid', 'record_row', 'incomplete_grid_note',
-           'per_item_note', 'cut_grid_note', 'mean_std', 'difference', 'compare', 'paired_interval', 'holm', 'verdict',
-           'detectable_difference', 'learning_curves', 'mean_curve', 'budget_rule', 'compute_ratio', 'equal_compute',
-           'best_final_table', 'plot_learning_curves', 'saving_factor', 'execute_notebooks', 'default_runs_dir',
-           'regenerate', 'reports_cli', 'shared_folders']
+__all__ = ['ABLATION_VARIANTS', 'VARIANT_GROUPS', 'KEY_NAMES', 'FINAL_WEIGHTS', 'QUEUE_METRICS', 'REPORTS', 'RUN_FOLDER_PARAMS',
+           'test_split_spec', 'study_run', 'uses_queue', 'run_cost', 'run_key', 'subset_sizes', 'subset_spec',
+           'test_checkpoints', 'train_and_test', 'run_record', 'write_record', 'read_record', 'complete_test',
+           'run_grid', 'record_row', 'incomplete_grid_note', 'per_item_note', 'cut_grid_note', 'mean_std', 'difference',
+           'compare', 'paired_interval', 'holm', 'verdict', 'detectable_difference', 'item_outcomes',
+           'paired_comparisons', 'design_power', 'queue_sources', 'budget_check', 'learning_curves', 'mean_curve',
+           'budget_rule', 'compute_ratio', 'equal_compute', 'best_final_table', 'plot_learning_curves', 'saving_factor',
+           'execute_notebooks', 'default_runs_dir', 'ReportFailed', 'regenerate', 'reports_cli', 'shared_folders']
 
 # %% ../nbs/11_study.ipynb #d236c2dc
 ABLATION_VARIANTS = {
@@ -146,26 +147,34 @@ def subset_spec(train_data:str, fraction:float, dest) -> str:
     return f'jsonl:{dest}:{reader.dir / "images"}'
 
 # %% ../nbs/11_study.ipynb #85674b70
-def test_checkpoints(run_dir, test_data:str, best_step:int|None=None, steps:int|None=None) -> dict:
-    "Test metrics of a run's final (`last.pt`, with its per-item outputs) and validation-chosen best (`best.pt`) weights: {'data', 'final', 'best'}; {} without test data."
-    if not test_data: return {}
+def _evaluate_items(weights, eval_data:str='', probe_data:str='') -> tuple[dict, dict]:
+    "Metrics and per-item outputs of a checkpoint or weights file: ({set: metrics}, {set: items}); ({}, {}) with no data."
+    if not (eval_data or probe_data): return {}, {}
     import torch
     from declip.inference import evaluate
-    ck, dev = Path(run_dir) / 'checkpoints', 'cuda' if torch.cuda.is_available() else 'cpu'
-    def one(name, step, per_item=False):
-        res = evaluate(ck / name, eval_data=test_data, device=dev, per_item=per_item)
-        items = {k: d.pop('per_item') for k, d in res.items() if 'per_item' in d}
-        return dict(step=step, score=primary_score(res), metrics=res, **({'per_item': items} if per_item else {}))
-    final = one('last.pt', steps, per_item=True)                       # the final weights' per-item outputs too
-    best = {k: v for k, v in final.items() if k != 'per_item'} if best_step is None or best_step == steps else one('best.pt', best_step)
-    return dict(data=test_data, final=final, best=best)
+    res = evaluate(weights, eval_data=eval_data or '', probe_data=probe_data or None, per_item=True,
+                   device='cuda' if torch.cuda.is_available() else 'cpu')
+    return res, {k: d.pop('per_item') for k, d in res.items() if 'per_item' in d}
 
-def train_and_test(test_data:str='', train_fraction:float=None, **params) -> dict:
-    "Train one study run (on `train_fraction` of its data if given), then write `test_checkpoints` to output_dir/test.json."
+def test_checkpoints(run_dir, test_data:str, best_step:int|None=None, steps:int|None=None, ood_data:str='', probe_data:str='') -> dict:
+    "Test metrics of a run's final (`last.pt`, with per-item outputs, and on `ood_data` / `probe_data` too) and validation-chosen best (`best.pt`) weights: {'data', 'ood_data', 'probe_data', 'final', 'best'}; the score counts `test_data` only."
+    if not (test_data or ood_data or probe_data): return {}
+    ck = Path(run_dir) / 'checkpoints'
+    res, items = _evaluate_items(ck / 'last.pt', test_data)           # the final weights, with per-item outputs ...
+    more, more_items = _evaluate_items(ck / 'last.pt', ood_data, probe_data)     # ... and the OOD and probe extras
+    final = dict(step=steps, score=primary_score(res), metrics=res | more, per_item=items | more_items)   # score: the held-out twins only
+    if best_step is None or best_step == steps: best = dict(step=steps, score=final['score'], metrics=res)
+    else:
+        b, _ = _evaluate_items(ck / 'best.pt', test_data)
+        best = dict(step=best_step, score=primary_score(b), metrics=b)
+    return dict(data=test_data, **({'ood_data': ood_data} if ood_data else {}), **({'probe_data': probe_data} if probe_data else {}), final=final, best=best)
+
+def train_and_test(test_data:str='', train_fraction:float=None, ood_data:str='', probe_data:str='', **params) -> dict:
+    "Train one study run (on `train_fraction` of its data if given), then write `test_checkpoints` (with the OOD and probe extras) to output_dir/test.json."
     out = Path(params['output_dir'])
     if train_fraction is not None: params['train_data'] = subset_spec(params['train_data'], train_fraction, out / 'train_subset.jsonl')
     summary = train(**params)
-    tests = test_checkpoints(out, test_data, (summary.get('best') or {}).get('step'), summary['steps'])
+    tests = test_checkpoints(out, test_data, (summary.get('best') or {}).get('step'), summary['steps'], ood_data, probe_data)
     (out / 'test.json').write_text(json.dumps(tests, indent=1))
     return summary
 
@@ -292,9 +301,30 @@ def _plan(runs, root, records, rerun):
         found = None if rerun else next(((rec, f) for f in folders if (rec := read_record(f, key))), None)
         if found: done[i] = (dict(found[0], **{k: v for k, v in r.items() if k != 'params'}), 'record' if found[1] == folders[0] else 'shared record'); continue
         if _finished(d, r.get('test_data')): done[i] = (run_record(r, d), 'run folder'); continue
-        params = dict(r['params'], output_dir=str(d), progress=False, resume='auto', test_data=r.get('test_data') or '')
+        params = dict(r['params'], output_dir=str(d), progress=False, resume='auto', test_data=r.get('test_data') or '',
+                      **{k: r[k] for k in ('ood_data', 'probe_data') if r.get(k)})
         todo.append((i, r, d, params))
     return done, todo
+
+def complete_test(rec:dict, run:dict, run_dir) -> bool:
+    "Evaluate a recorded run's final weights (`run_dir`/final.weights.pt) on the OOD / probe entries of `run` that its record lacks, into the record; True when it changed."
+    t = rec.get('test')
+    if not t or not t.get('final'): return False
+    want = {k: [e for e in (run.get(k) or '').split() if e not in (t.get(k) or '').split()] for k in ('ood_data', 'probe_data')}
+    if not any(want.values()): return False
+    weights = Path(run_dir) / FINAL_WEIGHTS
+    if not weights.exists():
+        warnings.warn(f"run {run['name']}: its record lacks {' '.join(sum(want.values(), []))}, and its final weights {weights} are not "
+                      'here to evaluate them (they stay on the machine that trained it)', stacklevel=2)
+        return False
+    more, items = _evaluate_items(weights, ' '.join(want['ood_data']), ' '.join(want['probe_data']))
+    t['final']['metrics'].update(_plain(more))
+    rec.setdefault('per_item', {}).setdefault('test', {}).update(items)
+    for k, new in want.items():
+        if new: t[k] = ' '.join((t.get(k) or '').split() + new)
+    rec.setdefault('retested', []).append(dict(entries=sum(want.values(), []), git_commit=git_commit(),
+                                               date=datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M')))
+    return True
 
 def run_grid(runs:list,              # dicts: `name` (a label), `params` (train kwargs), `test_data` (optional), other keys kept as columns
              root=None,              # run folders go here, one per distinct parameter set (None: `default_runs_dir()`)
@@ -311,6 +341,8 @@ def run_grid(runs:list,              # dicts: `name` (a label), `params` (train 
     from tqdm.auto import tqdm
     root, folders = Path(root) if root else default_runs_dir(), _folders(records)
     done, todo = _plan(runs, root, records, rerun)
+    for i, (rec, source) in done.items():           # recorded runs: evaluate the final weights on extras the record lacks
+        if train and source != 'shared record': complete_test(rec, runs[i], root / f"{_slug(runs[i]['name'])}-{rec['key']}")
     if folders:
         for rec, source in done.values():
             if source != 'shared record': write_record(rec, folders[0])
@@ -453,6 +485,110 @@ def detectable_difference(seed_sd: float, item_sd: float, seeds: int, items: int
     from statistics import NormalDist
     se = np.sqrt(2 * seed_sd ** 2 / seeds + item_sd ** 2 / items)
     return float((NormalDist().inv_cdf(1 - alpha / 2) + NormalDist().inv_cdf(power)) * se)
+
+# %% ../nbs/11_study.ipynb #cf3f336d
+def _outcome(items: dict, metric: str) -> tuple[list, list]:
+    "(ids, 0/1 outcomes) of one set's per-item outputs: 'top1' / 'top5' of a classification, 'image_to_text_R@k' / 'text_to_image_R@k' of a retrieval."
+    if 'true' in items:
+        if metric not in ('top1', 'top5'): raise ValueError(f"metric {metric!r}: a classification set has per-item 'top1' and 'top5'")
+        k = 1 if metric == 'top1' else 5
+        return items['ids'], [float(t in p[:k]) for t, p in zip(items['true'], items['top5'])]
+    m = re.fullmatch(r'(image_to_text|text_to_image)_R@(\d+)', metric)
+    if not m: raise ValueError(f"metric {metric!r}: a retrieval set has per-item 'image_to_text_R@k' and 'text_to_image_R@k'")
+    direction, k = m.group(1), int(m.group(2))
+    return items['image_ids' if direction == 'image_to_text' else 'text_ids'], [float(r < k) for r in items[f'{direction}_rank']]
+
+def item_outcomes(records: list, metric: str, split: str = 'test') -> tuple[list, np.ndarray]:
+    "(ids of the items every record scored, [records, items] outcomes) for `metric` = 'set/metric', e.g. 'clipart_coarse/top1'."
+    name, _, m = metric.rpartition('/')
+    per = []
+    for r in records:
+        items = ((r.get('per_item') or {}).get(split) or {}).get(name)
+        if items is None: raise KeyError(f"run {r.get('name') or r.get('key')}: no per-item outputs of {name!r} on {split}")
+        ids, out = _outcome(items, m)
+        per.append(dict(zip(ids, out)))
+    common = sorted(set.intersection(*(set(p) for p in per))) if per else []
+    return common, np.array([[p[i] for i in common] for p in per]).reshape(len(per), len(common))
+
+def _by_label(records: list, label: str) -> dict:
+    out = {}
+    for r in records: out.setdefault(r.get(label) or r['variant'], []).append(r)
+    return out
+
+def paired_comparisons(records: list, pairs: list, margins: dict, split: str = 'test', label: str = 'label',
+                       n_boot: int = 4000) -> pd.DataFrame:
+    "One row per (reference, variant) pair x metric (`margins`: metric -> margin): items, runs, difference, 95 % interval, p, Holm's p over all rows, verdict."
+    by, rows = _by_label(records, label), []
+    for ref, v in pairs:
+        a, b = ([r for r in by.get(x, []) if r.get('per_item')] for x in (ref, v))
+        if not a or not b: continue
+        for metric, margin in margins.items():
+            try: ids, out = item_outcomes(a + b, metric, split)
+            except KeyError: continue                         # a set these runs did not evaluate
+            if not ids: continue
+            res = paired_interval(out[:len(a)], out[len(a):], n_boot=n_boot)
+            rows.append(dict(reference=ref, variant=v, metric=metric, items=len(ids), runs=f'{len(a)} / {len(b)}',
+                             reference_mean=float(out[:len(a)].mean()), variant_mean=float(out[len(a):].mean()), **res, margin=margin))
+    df = pd.DataFrame(rows)
+    if len(df):
+        df['p_holm'] = holm(df.p.tolist())
+        df['verdict'] = [verdict(r.low, r.high, r.margin, r.p_holm) for r in df.itertuples()]
+    return df
+
+def design_power(records: list, pairs: list, metrics: list, split: str = 'test', label: str = 'label',
+                 seed_sd: dict | None = None, seeds=(3, 5)) -> pd.DataFrame:
+    "Per pair x metric: items, the per-item SD of the paired difference, the seed SD (runs' means, pooled over variants with >= 2 runs; else `seed_sd[metric]`), and the smallest difference detectable (80 % power, 5 % level) at each number of `seeds`."
+    by, rows = _by_label(records, label), []
+    for ref, v in pairs:
+        a, b = ([r for r in by.get(x, []) if r.get('per_item')] for x in (ref, v))
+        if not a or not b: continue
+        for metric in metrics:
+            try: ids, out = item_outcomes(a + b, metric, split)
+            except KeyError: continue
+            if len(ids) < 2: continue
+            A, B = out[:len(a)], out[len(a):]
+            item_sd = float((B.mean(0) - A.mean(0)).std(ddof=1))
+            spread = [x.mean(1) for x in (A, B) if len(x) >= 2]
+            if spread:
+                sd, source = float(np.sqrt(np.mean([s.var(ddof=1) for s in spread]))), f'{sum(map(len, spread))} runs'
+            else: sd, source = (float((seed_sd or {}).get(metric, np.nan)), 'given' if (seed_sd or {}).get(metric) is not None else 'unknown')
+            row = dict(reference=ref, variant=v, metric=metric, items=len(ids), item_sd=item_sd, seed_sd=sd, seed_sd_from=source)
+            row.update({f'detectable at {s} seeds': detectable_difference(sd, item_sd, s, len(ids)) if not np.isnan(sd) else np.nan for s in seeds})
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+QUEUE_METRICS = ('nn_own', 'nn_same_caption', 'nn_similarity')
+
+def _queue_entries(config: dict) -> int:
+    "A run's queue entries: resolved from a share of the training set, else as given, else the default (65,536)."
+    given = config.get('nn_queue_size')
+    return int((config.get('resolved') or {}).get('nn_queue_size') or (given if given and given >= 1 else ModelConfig.__dataclass_fields__['nn_queue_size'].default))
+
+def queue_sources(records: list, label: str = 'label', last: float = 0.5) -> pd.DataFrame:
+    "Per run with a nearest-neighbour queue: its entries, and the mean over the last `last` of training of `QUEUE_METRICS` (own caption, same caption, cosine)."
+    rows = []
+    for r in records:
+        tr = r.get('train') or {}
+        if not all(m in tr for m in ('step',) + QUEUE_METRICS): continue
+        steps = np.asarray(tr['step'], dtype=float)
+        keep = steps > steps.max() * (1 - last)
+        rows.append(dict(run=r.get('name') or r['key'], variant=r.get(label) or r['variant'],
+                         queue=_queue_entries(r.get('config') or {}),
+                         **{m: float(np.nanmean(np.asarray(tr[m], dtype=float)[keep])) for m in QUEUE_METRICS}))
+    return pd.DataFrame(rows)
+
+def budget_check(records: list, base: str, long: str, metric: str, margin: float, label: str = 'label', split: str = 'validation') -> dict:
+    "The budget rule as a paired test: `long` (the baseline trained longer) minus `base` on `metric`; it holds when the 95 % interval's upper end is below `margin`."
+    by = _by_label(records, label)
+    a, b = ([r for r in by.get(x, []) if r.get('per_item')] for x in (base, long))
+    if not a or not b: return dict(holds=None, text=f'Budget rule (paired): not checked; {long} or {base} has no run with per-item outputs.')
+    ids, out = item_outcomes(a + b, metric, split)
+    r = paired_interval(out[:len(a)], out[len(a):])
+    holds = r['high'] < margin
+    text = (f"Budget rule (paired, {split}, {metric}, {len(ids)} items): {long} minus {base} = {r['diff']:+.3f} "
+            f"[{r['low']:+.3f}, {r['high']:+.3f}]; " + (f'the longer run gains less than the margin {margin}: the budget suffices.' if holds else
+            f'the longer run may gain {margin} or more: **the budget rule fails**, the runs are not trained to their plateau.'))
+    return dict(r, holds=holds, items=len(ids), text=text)
 
 # %% ../nbs/11_study.ipynb #6880275d
 def learning_curves(records:list, value:str='score', label:str='variant', curve:str='validation') -> pd.DataFrame:
@@ -604,7 +740,8 @@ REPORTS = {
     'openclipart-data-efficiency': dict(notebook='nbs/openclipart_study.ipynb', output_param='output', jobs=True, train=True, parameters=dict(
         variants=['CLIP', 'DeCLIP'], fractions=[0.25, 0.5, 1.0], seeds=2, compute_seeds=0, shared=['openclipart-headline'])),
     'evidence-pilot':    dict(notebook='nbs/openclipart_study.ipynb', output_param='output', jobs=True, train=True, parameters=dict(
-        variants=['CLIP', 'DeCLIP'], seeds=1, compute_seeds=0, layout='60-10-30', coarse=True, nn_queue=0.25)),
+        variants=['CLIP', 'DeCLIP'], seeds=1, compute_seeds=0, layout='60-10-30', coarse=True, nn_queue=0.25, ood=True, probe=True,
+        seed_sd_from=['openclipart-headline'])),
     'train-declip-32ep': dict(notebook='nbs/train.ipynb', parameters=dict(epochs=32), output_param='output_dir'),
     'train-clip-32ep':   dict(notebook='nbs/train.ipynb', parameters=dict(epochs=32, method='clip'), output_param='output_dir'),
     'performance':       dict(script='benchmarks/step.py', smoke_args=['--quick'], report='performance'),
@@ -623,6 +760,32 @@ def _repo_root():
     if not (here / 'nbs').is_dir(): raise FileNotFoundError(f"declip-reports runs from a source checkout; no nbs/ beside {here}")
     return here
 
+RUN_FOLDER_PARAMS = ('output_dir',)   # an output parameter naming a training run folder: it stays in place (its checkpoints resume a failed run)
+
+class ReportFailed(RuntimeError):
+    "A report notebook failed: its report folder was left as it was; the message names the failed notebook, kept for debugging."
+
+def _staging(dest: Path) -> Path:
+    "A new folder named as `dest`, inside a hidden temporary folder beside it (the same file system: its files are renamed into place)."
+    box = Path(tempfile.mkdtemp(prefix=f'.{dest.name}.staging-', dir=dest.parent))
+    (box / dest.name).mkdir()
+    return box / dest.name
+
+def _move_into_place(staged: Path, dest: Path):
+    "Rename every file of `staged` over its counterpart in `dest` (sub-folders merged, `dest`'s other files kept), then remove the staging folder."
+    for f in sorted(p for p in staged.rglob('*') if not p.is_dir()):
+        target = dest / f.relative_to(staged)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(f, target)
+    shutil.rmtree(staged.parent)
+
+def _failure(name, e, dest: Path, staged: Path) -> str:
+    "One line: what failed, that `dest` is as it was, where the failed notebook is."
+    why = (f"{e.ename}: {e.evalue} (cell In [{e.exec_count}])" if hasattr(e, 'ename') else f"{type(e).__name__}: {e}").strip().splitlines()[0][:300]
+    failed = max(staged.glob('*.ipynb'), key=lambda f: f.stat().st_mtime, default=staged)
+    runs = ' (runs/ holds the records of the runs that finished)' if (dest / 'runs').is_dir() else ''
+    return f"{name} failed: {why}; {dest} was left as it was{runs}; the failed notebook: {failed}"
+
 def regenerate(names=None, smoke=False, out=None, jobs:int=2, progress=True, recorded=False):
     "Run the report notebooks (all, or `names`) with papermill into `out`/<name>/ (`recorded`: studies train nothing, report their records); return {name: seconds}."
     root = _repo_root()
@@ -640,21 +803,38 @@ def regenerate(names=None, smoke=False, out=None, jobs:int=2, progress=True, rec
         if 'script' in spec:
             args = [sys.executable, str(root / spec['script'])] + (spec.get('smoke_args', []) if smoke else spec.get('args', []))
             subprocess.run(args + ['--report', str(dest / spec['report'])], cwd=root, check=True)
-        elif 'notebooks' in spec:
-            paths = sorted(root.glob(spec['notebooks']))
-            if smoke: paths = [p for p in paths if p.name in spec['smoke_notebooks']]
-            execute_notebooks(paths, dest, progress=progress)
-        else:
-            import papermill as pm
-            nb = root / spec['notebook']
-            params = dict(spec['parameters'], smoke=smoke, **{spec['output_param']: str(dest)})
-            if spec.get('jobs'): params['jobs'] = jobs
-            if recorded and spec.get('train'): params['train'] = False
-            pm.execute_notebook(str(nb), str(dest / nb.name), parameters=params, cwd=str(root / 'nbs'),
-                                progress_bar=progress, log_output=progress, kernel_name='python3')
+        else:                                   # executed into a staging folder, moved into place only when it succeeds
+            staged = _staging(dest)
+            try: _execute_report(spec, root, dest, staged, smoke, jobs, progress, recorded)
+            except Exception as e: raise ReportFailed(_failure(name, e, dest, staged)) from e
+            _move_into_place(staged, dest)
         times[name] = time.time() - t0
         print(f"declip-reports: {name} done in {times[name] / 60:.1f} min", flush=True)
     return times
+
+def _parameter_names(nb: Path) -> set:
+    "The names the notebook's parameters cell assigns (read with Python's parser, as papermill finds them)."
+    import ast
+    cell = next((c for c in json.loads(Path(nb).read_text())['cells'] if 'parameters' in c['metadata'].get('tags', [])), None)
+    if cell is None: return set()
+    body = ast.parse(''.join(cell['source'])).body
+    return {t.id for n in body for t in ([n.target] if isinstance(n, ast.AnnAssign) else getattr(n, 'targets', [])) if isinstance(t, ast.Name)}
+
+def _execute_report(spec, root, dest, staged, smoke, jobs, progress, recorded):
+    "Execute a report's notebook(s) into `staged`; a study's per-run records go to `dest`/runs as each run finishes, a training run folder stays `dest`."
+    if 'notebooks' in spec:
+        paths = sorted(root.glob(spec['notebooks']))
+        if smoke: paths = [p for p in paths if p.name in spec['smoke_notebooks']]
+        return execute_notebooks(paths, staged, progress=progress)
+    import papermill as pm
+    nb = root / spec['notebook']
+    in_place = spec['output_param'] in RUN_FOLDER_PARAMS
+    params = dict(spec['parameters'], smoke=smoke, **{spec['output_param']: str(dest if in_place else staged)})
+    if not in_place and 'records' in _parameter_names(nb): params.setdefault('records', str(dest / 'runs'))
+    if spec.get('jobs'): params['jobs'] = jobs
+    if recorded and spec.get('train'): params['train'] = False
+    pm.execute_notebook(str(nb), str(staged / nb.name), parameters=params, cwd=str(root / 'nbs'),
+                        progress_bar=progress, log_output=progress, kernel_name='python3')
 
 @call_parse
 def reports_cli(names:Param("reports to regenerate (default: all)", str, nargs='*', opt=False)=None,
@@ -662,8 +842,9 @@ def reports_cli(names:Param("reports to regenerate (default: all)", str, nargs='
                 out:Param("output folder (default: reports/, or runs/reports-smoke/ with --smoke)", str)=None,
                 jobs:Param("training runs at once (one torch thread each)", int)=2,
                 recorded:Param("studies that take it train nothing: report their recorded runs, listing the missing ones", store_true)=False):
-    "Regenerate the reports in reports/ by running their notebooks with papermill."
-    regenerate(names or None, smoke=smoke, out=out, jobs=jobs, recorded=recorded)
+    "Regenerate the reports in reports/ by running their notebooks with papermill; a report that fails is one line on stderr (exit 1), its folder left as it was."
+    try: regenerate(names or None, smoke=smoke, out=out, jobs=jobs, recorded=recorded)
+    except ReportFailed as e: print(f"declip-reports: {e}", file=sys.stderr, flush=True); sys.exit(1)
 
 # %% ../nbs/11_study.ipynb #7bfb940b
 def shared_folders(names:list,       # report names of the shared studies (e.g. ['ablations'])

@@ -81,3 +81,57 @@ def test_export_refuses_bad_paths_in_one_line(workdir):
     r = subprocess.run(declip_export() + [str(workdir / 'run'), '-o', str(ck / 'w.pt')], env=cpu_env(), capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2 and "checkpoints/ folder" in r.stderr and not (ck / 'w.pt').exists(), r.stderr
+
+
+# An export stalled after its bytes are written, before the rename (fsync never returns): killed there, it leaves its
+# hidden temporary file, as a kill mid-write does.
+STALLED_EXPORT = r'''
+import os, sys, time
+def stalled(fd): print('WRITING', flush=True); time.sleep(120)
+os.fsync = stalled
+from declip.runs import export_cli
+sys.exit(export_cli())
+'''
+
+
+def test_killed_export_leaves_a_file_the_next_export_removes(workdir):
+    """A declip-export killed mid-write leaves `.last.weights.pt.tmp<pid>@<host>`. An export while the writer lives leaves
+    that file alone; the next one after the kill removes it (only it) and says so in one line."""
+    run = workdir / 'run'; (run / 'checkpoints').mkdir(parents=True)
+    torch.save(dict(config=dict(method='clip'), model=dict(w=torch.randn(1_000_000))), run / 'checkpoints' / 'last.pt')
+    (run / '.notes.tmp').write_text('not an export')                            # another program's file: not touched
+    (workdir / 'stalled.py').write_text(STALLED_EXPORT)
+    first = subprocess.Popen([sys.executable, str(workdir / 'stalled.py'), str(run)], env=cpu_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == 'WRITING', first.stderr.read()[-2000:]
+        temps = list(run.glob('.last.weights.pt.tmp*'))
+        assert len(temps) == 1 and temps[0].name.startswith(f'.last.weights.pt.tmp{first.pid}@'), temps
+        r = run_ok(declip_export() + [str(run)], timeout=60)                       # the same file, while the writer lives
+        assert temps[0].exists() and 'removed' not in r.stderr, r.stderr
+    finally: first.kill(); first.wait()
+    assert temps[0].stat().st_size > 4e6                                           # the 4 MB it wrote
+    r = run_ok(declip_export() + [str(run)], timeout=60)
+    said = [l for l in r.stderr.splitlines() if l.startswith('declip-export')]
+    assert len(said) == 1 and said[0].startswith(f'declip-export: removed 1 temporary file(s) left in {run} by export(s) that ended '
+                                                 f'before finishing (pid {first.pid}; 4.0 MB): {temps[0].name}'), r.stderr
+    assert not temps[0].exists() and sorted(p.name for p in run.iterdir()) == ['.notes.tmp', 'checkpoints', 'last.weights.pt']
+    assert r.stdout.startswith(f"declip-export: wrote {run / 'last.weights.pt'} (")
+
+
+def test_train_evaluates_on_openmoji_and_refuses_to_train_on_it(workdir):
+    """`--eval_data openmoji:ROOT:...` (the fake package of `declip.openmoji`) puts the three OpenMoji sets in the final
+    evaluation; `--train_data openmoji` is refused in one line (an out-of-distribution test set is never trained on)."""
+    from declip.openmoji import write_fake_openmoji
+    spec = f"openmoji:{write_fake_openmoji(workdir / 'openmoji')}:cache={workdir / 'openmoji_cache'},progress=false"
+    out = workdir / 'run'
+    p = run_ok(train_args(output_dir=out, **dict(TINY, max_steps=2, eval_data=spec)), timeout=240)
+    rows = {l.split()[0]: l.split()[1:] for l in p.stdout.splitlines() if l.startswith('    ')}
+    assert rows['openmoji_groups'][0] == 'zero-shot' and rows['openmoji_subgroups'][0] == 'zero-shot', p.stdout
+    assert rows['openmoji_retrieval'][0] == 'retrieval', p.stdout
+    assert sorted((workdir / 'openmoji_cache').glob('*/manifest.json')), 'no prepared cache'
+    r = subprocess.run(train_args(output_dir=workdir / 'refused', **dict(TINY, train_data=spec)), env=cpu_env(),
+                       capture_output=True, text=True, timeout=120)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and last.startswith('declip-train: error: ') and 'openmoji is evaluation-only' in last, r.stderr[-2000:]
+    assert not (workdir / 'refused').exists()

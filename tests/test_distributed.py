@@ -248,3 +248,85 @@ def test_run_leaves_the_group_it_joined(workdir, group):
     run_ok(TORCHRUN + [str(script), str(workdir), group], timeout=240)
     for rank in (0, 1):
         assert json.loads((workdir / f'rank{rank}.json').read_text()) == dict(in_group=group == 'given', steps=1)
+
+
+# ---------------------------------------------------------------------------------------------------- stopping
+# torchrun runs each rank in a session of its own: a signal to torchrun's process group (Ctrl-C in its terminal,
+# `kill -TERM -PGID`) reaches its elastic agent alone, which forwards it to every rank, waits up to its shutdown
+# timeout (30 s) and exits 1 with its own SignalException traceback. Slurm's scancel signals every process of the job,
+# so there each rank gets SIGTERM twice: from Slurm and from the agent. Each rank's exit status is what the agent
+# does not report; the ranks write it to a file.
+SLOW_RANK = r'''
+import os, sys, time
+import declip.train as T
+delay = float(sys.argv.pop(1))
+schedule = T.lr_at
+def slow_lr_at(*args, **kwargs):                  # each step slowed (the numbers untouched): the signal lands mid-run
+    time.sleep(delay)
+    return schedule(*args, **kwargs)
+T.lr_at = slow_lr_at
+code = 0
+try: T.train_cli()
+except SystemExit as e: code = e.code; raise
+finally:
+    with open(os.path.join(os.environ['EXIT_DIR'], f"rank{os.environ['RANK']}.exit"), 'w') as f: f.write(str(code))
+'''
+STOP_RUN = dict(method='clip', train_data='synthetic:size=64', batch_size=8, max_steps=6, save_every=2, log_every=1,
+                image_size=32, min_lr=1e-4, seed=5, keep_checkpoints=1)      # 2 x 8 = 16 a step: 4 steps an epoch
+
+
+@pytest.fixture(scope='module')
+def torchrun_reference(tmp_path_factory):
+    "The uninterrupted 2-process run that a stopped and resumed one must reproduce bitwise; removed afterwards."
+    import shutil
+    out = tmp_path_factory.mktemp('torchrun-reference') / 'run'
+    run_ok(TORCHRUN + train_args(output_dir=out, **STOP_RUN), timeout=300)
+    yield out
+    shutil.rmtree(out, ignore_errors=True)
+
+
+@pytest.mark.parametrize('to', ['group', 'every-process'])
+def test_torchrun_sigterm_stops_every_rank_at_one_step_then_resumes_exactly(workdir, torchrun_reference, to):
+    """SIGTERM to torchrun's process group (`group`), or to torchrun and each rank (`every-process`, Slurm's scancel):
+    both ranks finish the step, the checkpoint of that step is written, rank 0 says so in one line, each rank exits
+    143 without a traceback (the second SIGTERM a rank gets from the agent is a copy, not a stop-at-once); torchrun
+    exits 1 with its own SignalException. Resuming under torchrun ends bitwise as the uninterrupted run."""
+    import os, signal, time
+    out, script = workdir / 'run', workdir / 'slow_rank.py'
+    script.write_text(SLOW_RANK)
+    with open(workdir / 'stderr', 'w') as err:
+        proc = subprocess.Popen(TORCHRUN + [str(script), '0.3'] + train_args(output_dir=out, **STOP_RUN)[1:], env=cpu_env(EXIT_DIR=workdir),
+                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    logged = lambda: [r['step'] for r in _train_records(out)] if (out / 'metrics.jsonl').exists() else []
+    try:
+        deadline = time.time() + 240
+        while len(logged()) < 2:
+            assert proc.poll() is None, (workdir / 'stderr').read_text()[-3000:]
+            assert time.time() < deadline, 'no step 2 in 240 s'
+            time.sleep(0.02)
+        ranks = [int(p) for p in Path(f'/proc/{proc.pid}/task/{proc.pid}/children').read_text().split()]
+        assert len(ranks) == 2, ranks
+        if to == 'group': os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            for pid in [proc.pid] + ranks: os.kill(pid, signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None: os.killpg(proc.pid, signal.SIGKILL)
+    said = (workdir / 'stderr').read_text()
+    assert rc == 1 and said.count('Traceback') == 1, (rc, said[-4000:])                  # torchrun's, below
+    assert f'SignalException: Process {proc.pid} got signal: 15' in said, said[-2000:]
+    assert [(workdir / f'rank{r}.exit').read_text() for r in (0, 1)] == ['143', '143'], said[-3000:]
+    stopped = load_ckpt(out / 'checkpoints' / 'last.pt')
+    assert stopped['step'] == max(logged()) and 2 <= stopped['step'] < STOP_RUN['max_steps'], (stopped['step'], logged())
+    assert said.count('declip-train: stopped by SIGTERM at step ') == 1 and 'during the stop' not in said, said[-3000:]
+    assert f"declip-train: stopped by SIGTERM at step {stopped['step']}; checkpoint {out / 'checkpoints' / 'last.pt'}" in said
+    assert not (out / 'summary.json').exists()
+    run_ok(TORCHRUN + train_args(**dict(STOP_RUN, output_dir=out, resume=True)), timeout=300)
+    got, ref = load_ckpt(out / 'checkpoints' / 'last.pt'), load_ckpt(torchrun_reference / 'checkpoints' / 'last.pt')
+    assert got['step'] == ref['step'] == STOP_RUN['max_steps']
+    assert got['model'].keys() == ref['model'].keys()
+    assert [k for k in ref['model'] if not torch.equal(got['model'][k], ref['model'][k])] == []
+    for i, state in ref['optimizer']['state'].items():
+        for k, v in state.items(): assert torch.equal(got['optimizer']['state'][i][k], v), (i, k)
+    losses = lambda run: {r['step']: r['loss'] for r in _train_records(run)}             # a resumed step's last record wins
+    assert losses(out) == losses(torchrun_reference) and len(losses(out)) == STOP_RUN['max_steps']

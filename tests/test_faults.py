@@ -143,6 +143,8 @@ def test_bad_parameters_one_line_before_anything_exists(workdir):
     (workdir / 'afile').write_text(''); (workdir / 'one.tar').write_bytes(b'')
     (workdir / 'pairs.csv').write_text('filepath,caption\n0.png,a picture\n')          # captions not under open_clip's 'title'
     bad = BAD + [(dict(output_dir=workdir / 'afile'), 'is a file, not a folder'),
+                 (dict(output_dir=workdir / 'missing' / '..' / 'afile' / '..' / 'x'),     # `..` through a folder to make, then a file
+                  f"output_dir='{workdir}/missing/../afile/../x': '{workdir / 'afile'}' is a file, not a folder"),
                  (dict(train_data=f"csv:{workdir / 'pairs.csv'}"), f"e.g. csv:{workdir / 'pairs.csv'}:caption_key=caption")]
     if not torch.cuda.is_available(): bad.append((dict(device='cuda'), 'no CUDA GPU'))
     cases = [dict(dict(RUN, output_dir=workdir / 'x'), **b) for b, _ in bad]
@@ -150,7 +152,7 @@ def test_bad_parameters_one_line_before_anything_exists(workdir):
     expected = [m for _, m in bad] + ['no known sample count: add num_samples=']
     for (code, err), want in zip(cli_batch(workdir, cases), expected, strict=True):
         assert code == 2 and want in one_line(err), (want, code, err)
-    assert not (workdir / 'x').exists()
+    assert not (workdir / 'x').exists() and not (workdir / 'missing').exists()
 
 
 def test_read_only_output_dir(workdir):
@@ -323,3 +325,61 @@ def test_sigterm_ends_a_run_that_makes_no_step(workdir):
         _, err = proc.communicate(timeout=60)
     finally: proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM and 'no step for 2 s' in err, (proc.returncode, err[-2000:])
+
+
+# --- reports: a failed declip-reports run leaves the last good report as it was ------------------------------------
+
+def _report_notebook(path):
+    "A study-like report notebook: parameters, a per-run record written to `records` as the run finishes, then the report files; `fail` raises in between."
+    import nbformat
+    v4 = nbformat.v4
+    params = v4.new_code_cell("output: str = 'out'\nrecords: str = None\nsmoke: bool = False\njobs: int = 2\ntrain: bool = True\n"
+                              "fail: bool = False\ntag: str = 'a'")
+    params.metadata['tags'] = ['parameters']
+    nbformat.write(v4.new_notebook(metadata=dict(kernelspec=dict(name='python3', display_name='Python 3', language='python'),
+                                                 language_info=dict(name='python')), cells=[params, v4.new_code_cell(
+        "import json\nfrom pathlib import Path\nout = Path(output); out.mkdir(parents=True, exist_ok=True)\n"
+        "records = Path(records) if records else out / 'runs'; records.mkdir(parents=True, exist_ok=True)\n"
+        "(records / f'{tag}.json').write_text(json.dumps(dict(key=tag)))      # a finished run's record\n"
+        "(out / 'README.md').write_text(f'report {tag}')"),
+        v4.new_code_cell("if fail: raise RuntimeError(f'report {tag} broke')\n(out / 'table.csv').write_text(f'tag\\n{tag}\\n')")]), path)
+
+
+REPORTS_WITH_FAKE = r'''
+import sys
+import declip.study as S
+notebook, fail, tag, out = sys.argv[1:5]
+S.REPORTS['fake'] = dict(notebook=notebook, parameters=dict(fail=fail == 'fail', tag=tag), output_param='output', jobs=True, train=True)
+sys.argv = ['declip-reports', 'fake', '--out', out]
+S.reports_cli()
+'''
+
+
+def test_failed_report_leaves_the_last_good_one(workdir):
+    """`declip-reports` whose notebook fails: exit 1, one line (what failed, where the failed notebook is), no traceback;
+    the last good report's executed notebook, README and table are untouched, and the record the failed attempt wrote
+    as its run finished is in the report's runs/."""
+    import nbformat
+    _report_notebook(workdir / 'fake.ipynb')
+    (workdir / 'cli.py').write_text(REPORTS_WITH_FAKE)
+    out, dest = workdir / 'reports', workdir / 'reports' / 'fake'
+    def reports(fail, tag):
+        return subprocess.run([sys.executable, workdir / 'cli.py', workdir / 'fake.ipynb', fail, tag, out], env=cpu_env(),
+                              capture_output=True, text=True, timeout=TIMEOUT)
+    good = reports('ok', 'first')
+    assert good.returncode == 0, good.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ['fake']                           # the staging folder is gone
+    assert (dest / 'README.md').read_text() == 'report first' and (dest / 'table.csv').read_text() == 'tag\nfirst\n'
+    before = (dest / 'fake.ipynb').read_bytes()
+    bad = reports('fail', 'second')
+    said = [l for l in bad.stderr.splitlines() if l.startswith('declip-reports')]
+    assert bad.returncode == 1 and 'Traceback' not in bad.stderr and len(said) == 1, bad.stderr[-3000:]
+    assert said[0].startswith(f'declip-reports: fake failed: RuntimeError: report second broke (cell In [4]); {dest} was left as it was '
+                              '(runs/ holds the records of the runs that finished); the failed notebook: '), said
+    failed = Path(said[0].rsplit('the failed notebook: ', 1)[1])
+    assert failed.parent.parent.parent == out and failed.parent.name == 'fake' and failed.name == 'fake.ipynb', failed
+    assert 'report second broke' in str(nbformat.read(failed, as_version=4).cells[-1].outputs)          # kept for debugging
+    assert (dest / 'fake.ipynb').read_bytes() == before                                  # the last good report, untouched
+    assert (dest / 'README.md').read_text() == 'report first' and (dest / 'table.csv').read_text() == 'tag\nfirst\n'
+    assert sorted(p.name for p in (dest / 'runs').iterdir()) == ['first.json', 'second.json']   # the record landed in the real runs/
+    assert sorted(p.name for p in dest.iterdir()) == ['README.md', 'fake.ipynb', 'runs', 'table.csv']
