@@ -21,13 +21,14 @@ from .evaluation import (SCORINGS, open_eval_sets, evaluate_sets, zero_shot_scor
                                filip_similarity, linear_probe_eval, encode_texts, load_templates, eval_mode, model_device,
                                resolve_transform, resolve_tokenizer, stratified_split, split_named_entry)
 from .runs import load_checkpoint_file, markdown_table, provenance_markdown, WEIGHTS_FORMAT
+from .transfer import parse_probe_data, split_classification_set, open_probe_sets   # the probe grammar lives with the transfer suite
 
 # %% auto #0
 __all__ = ['TABLE_COLUMNS', 'TABLE_FORMATS', 'resolve_checkpoint_path', 'model_config_from_checkpoint', 'load_checkpoint',
-           'parse_probe_data', 'split_classification_set', 'open_probe_sets', 'evaluate', 'results_table',
-           'write_results', 'default_output_dir', 'queue_neighbours', 'top_captions', 'plot_retrieval_examples',
-           'plot_queue_neighbours', 'plot_confusion_matrix', 'load_clip_benchmark_model', 'register_clip_benchmark',
-           'clip_benchmark_templates', 'ClipBenchmarkClassification', 'ClipBenchmarkRetrieval', 'clip_benchmark_loader']
+           'evaluate', 'results_table', 'write_results', 'default_output_dir', 'queue_neighbours', 'top_captions',
+           'plot_retrieval_examples', 'plot_queue_neighbours', 'plot_confusion_matrix', 'load_clip_benchmark_model',
+           'register_clip_benchmark', 'clip_benchmark_templates', 'ClipBenchmarkClassification',
+           'ClipBenchmarkRetrieval', 'clip_benchmark_loader']
 
 # %% ../nbs/10_inference.ipynb #d022dca0
 def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
@@ -79,76 +80,6 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = 'cpu',
     model.checkpoint_info = dict(path=str(p), step=ck.get('step'), epoch=ck.get('epoch'),
                                  method=ck['config'].get('method'), config=ck['config'], weights_only=export)
     return model, model.tokenizer, eval_transform(model.image_size)
-
-# %% ../nbs/10_inference.ipynb #d379e2e5
-def parse_probe_data(probe_data) -> list[tuple[str | None, str, str | None]]:
-    "`'[name=]spec[|test_spec] ...'` (or a list) -> [(name or None, spec, test spec or None)], specs checked."
-    if not probe_data: return []
-    items = probe_data.split() if isinstance(probe_data, str) else list(probe_data)
-    out = []
-    for it in items:
-        name, train_spec, test_spec = split_named_entry(it, '|')
-        for s in (train_spec, test_spec or None):
-            if s is None: continue
-            try: kind = parse_data_spec(s).kind
-            except ValueError as e: raise ValueError(f"probe_data entry {it!r} is not '[name=]spec[|test_spec]': {e}") from None
-            if kind not in ('imagefolder', 'synthetic', 'transfer'):
-                raise ValueError(f"probe_data entry {it!r}: {kind} specs hold image-text pairs, but a linear probe needs "
-                                 'labelled images; use imagefolder:PATH, synthetic or transfer (the packaged suite)')
-            if kind == 'transfer' and test_spec: raise ValueError(f"probe_data entry {it!r}: the transfer sets carry their own test parts; give no |test_spec")
-        out.append((name, train_spec, test_spec or None))
-    return out
-
-def split_classification_set(dataset: ClassificationSet, test_fraction: float = 0.5, seed: int = 0) -> tuple[ClassificationSet, ClassificationSet]:
-    "Split a `ClassificationSet` per class (seeded) into (train, test); `test_fraction` of each class, at least one, goes to test."
-    if not 0 < test_fraction < 1: raise ValueError(f'test_fraction must be in (0, 1), got {test_fraction}')
-    tr, te = stratified_split(torch.tensor(dataset.labels), test_fraction, seed)
-    if not len(tr) or not len(te): raise ValueError(f'{dataset!r}: too few images per class to split into train and test')
-    part = lambda idx, what: ClassificationSet([dataset.items[i] for i in idx.tolist()], [dataset.labels[i] for i in idx.tolist()],
-                                               dataset.classnames, dataset.templates, loader=dataset.loader,
-                                               source=f'{dataset!r} [{what}: {len(idx)} images]')
-    return part(tr, 'train'), part(te, 'test')
-
-def _classification_sets(spec, image_size):
-    got = open_eval_data(spec, image_size=image_size)
-    got = got if isinstance(got, dict) else {None: got}
-    return {k: v for k, v in got.items() if isinstance(v, ClassificationSet)}
-
-def open_probe_sets(probe_data, image_size: int, test_fraction: float = 0.5, seed: int = 0) -> dict:
-    "Linear-probe sets: {name: (train ClassificationSet, test ClassificationSet)} (see the rules above)."
-    out = {}
-    for name, spec, test_spec in parse_probe_data(probe_data):
-        parsed = parse_data_spec(spec)
-        key = lambda k: '.'.join(x for x in (name, k) if x) or parsed.kind
-        if test_spec is not None:
-            train_sets, test_sets = _classification_sets(spec, image_size), _classification_sets(test_spec, image_size)
-            if set(train_sets) != set(test_sets): raise ValueError(f'probe_data {spec}|{test_spec}: the two specs open different sets {sorted(map(str, train_sets))} / {sorted(map(str, test_sets))}')
-            for k in train_sets:
-                if train_sets[k].classnames != test_sets[k].classnames:
-                    raise ValueError(f'probe_data {spec}|{test_spec}: train and test have different classes')
-                out[key(k)] = (train_sets[k], test_sets[k])
-        elif parsed.kind == 'transfer':
-            from declip.transfer import transfer_from_spec
-            for k, ps in transfer_from_spec(parsed).items(): out[key(k)] = (ps.train, ps.test)
-        elif parsed.kind == 'synthetic':
-            options = {'n_retrieval': '1', **parsed.options}          # the probe needs no retrieval set
-            seed = int(options.get('seed', 0))
-            at_seed = lambda sd: 'synthetic:' + ','.join(f'{k}={v}' for k, v in {**options, 'seed': sd}.items())
-            test_sets, train_sets = _classification_sets(at_seed(seed), image_size), _classification_sets(at_seed(seed + 1), image_size)
-            for k in test_sets: out[key(k)] = (train_sets[k], test_sets[k])
-        else:
-            root = Path(parsed.path)
-            subs = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith('.')) if root.is_dir() else []
-            if subs in (['test', 'train'], ['train', 'val']):
-                opts = (':' + ','.join(f'{k}={v}' for k, v in parsed.options.items())) if parsed.options else ''
-                held_out = subs[0] if subs[0] != 'train' else subs[1]
-                train_set = _classification_sets(f'imagefolder:{root / "train"}{opts}', image_size)[None]
-                test_set = _classification_sets(f'imagefolder:{root / held_out}{opts}', image_size)[None]
-                if train_set.classnames != test_set.classnames:
-                    raise ValueError(f'probe_data {spec!r}: train/ and {held_out}/ have different class folders')
-                out[key(None)] = (train_set, test_set)
-            else: out[key(None)] = split_classification_set(_classification_sets(spec, image_size)[None], test_fraction, seed)
-    return out
 
 # %% ../nbs/10_inference.ipynb #83b72515
 def evaluate(model_or_checkpoint, eval_data=None, probe_data=None, device=None, batch_size: int = 256, workers: int = 0,

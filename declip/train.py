@@ -6,8 +6,8 @@
 __all__ = ['DATA_ORDER', 'TERM_GRACE_S', 'LAUNCHER_REPEAT_S', 'SUMMARY_METRICS', 'RunConfig', 'resolve_run', 'TrainingError',
            'TrainState', 'Setup', 'resolve_view_device', 'setup_run', 'run_config_dict', 'start_run', 'chance_levels',
            'Meter', 'micro_batches', 'epoch_loader', 'train_record', 'primary_score', 'evaluate_run', 'after_step',
-           'train_epochs', 'finish_run', 'stop_signals', 'train', 'train_parser', 'train_cli', 'closing_summary',
-           'train_local']
+           'train_epochs', 'probe_final', 'finish_run', 'stop_signals', 'train', 'train_parser', 'train_cli',
+           'closing_summary', 'train_local']
 
 # %% ../nbs/09_train.ipynb #e7b892f4
 import argparse, errno, itertools, math, os, sys, json, time, signal, warnings
@@ -23,10 +23,11 @@ from .models import DeCLIP, ModelConfig, METHODS, SWITCHES, ALIASES, canonical_s
 from .encoders import IMAGE_ENCODERS, TEXT_ENCODERS
 from .pipeline import parse_data_spec, open_train_data, make_train_loader, default_data, reader_defaults, SamplePipeline, VIEW_DEVICES, finish_batch, STOP_SIGNALS
 from .device import (PRECISIONS, setup_distributed, leave_distributed, seed_all, to_device, equal_batches, unwrap,
-                           sum_counts_over_ranks, mean_over_ranks, threading_main, peak_memory_mb)
+                           sum_counts_over_ranks, mean_over_ranks, threading_main, peak_memory_mb, autocast)
 from .runs import (Checkpointer, MetricsLog, RunLock, CHECKPOINT_KEYS, environment_info, plot_run, git_commit, read_metrics,
                          load_checkpoint_file, nonfinite_tensors)
-from .evaluation import parse_eval_data, open_eval_sets, evaluate_sets, zero_shot_scoring, prepare_eval_sets, is_prepared, resolve_transform
+from .evaluation import parse_eval_data, open_eval_sets, evaluate_sets, zero_shot_scoring, prepare_eval_sets, is_prepared, resolve_transform, linear_probe_eval
+from .transfer import open_probe_sets
 from .datasets import RetrievalSet
 from .inference import results_table
 from .step import lr_at, make_optimizer, train_step
@@ -98,6 +99,7 @@ class RunConfig:
     train_samples: int | None     # its length (None for a stream)
     eval_sets: dict
     data_plan: dict = field(default_factory=dict)   # the data specs as given and the note of what `default_data` chose
+    probe_sets: dict = field(default_factory=dict)  # {name: (train, test) ClassificationSet}: linear probes of the final weights
 
     def __getattr__(self, name):
         if name.startswith('__') or name == 'params': raise AttributeError(name)
@@ -214,8 +216,9 @@ def resolve_run(params: dict, switches: dict) -> RunConfig:
         mcfg = replace(mcfg, nn_queue_size=max(1, round(fraction * n)))
     _check_resume(resume_path, mcfg, params)
     eval_sets = open_eval_sets(evals, image_size)              # a set that cannot be opened fails here
+    probe_sets = open_probe_sets(params['probe_data'], image_size) if params.get('probe_data') else {}   # so does a probe set
     all_switches = {k: None for k in SWITCHES} | canonical_switches(switches)
-    return RunConfig(dict(params, **all_switches), mcfg, recipe, Path(params['output_dir']), resume_path, reader, n, eval_sets, data_plan)
+    return RunConfig(dict(params, **all_switches), mcfg, recipe, Path(params['output_dir']), resume_path, reader, n, eval_sets, data_plan, probe_sets)
 
 # %% ../nbs/09_train.ipynb #93b8654f
 class TrainingError(RuntimeError):
@@ -504,12 +507,29 @@ def train_epochs(run, s, state, meter, log, ckpt, cfg, stop, bar, _stop_after=No
 
 
 # %% ../nbs/09_train.ipynb #fd476af7
+def probe_final(run, s, state, log) -> dict:
+    "Linear probes of the final weights on the run's `probe_data` (rank 0): {'probe.<name>': metrics}; each test item's outputs go into per_item.json."
+    if not (run.probe_sets and s.is_main): return {}
+    model, t, res, items = unwrap(s.model), time.time(), {}, {}
+    for name, (train_set, test_set) in run.probe_sets.items():
+        with autocast(s.device, run.precision):
+            r = linear_probe_eval(model, train_set, test_set, resolve_transform(model, None), device=s.device, progress=run.progress, per_item=True)
+        items[f'probe.{name}'] = r.pop('per_item')
+        res[f'probe.{name}'] = {k: float(v) for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    path = run.output_dir / 'per_item.json'
+    kept = json.loads(path.read_text()) if path.exists() else dict(step=state.step, sets={})
+    path.write_text(json.dumps(dict(kept, sets=kept['sets'] | items)))
+    log.write(dict(type='probe', step=state.step, epoch=state.epoch, probe_s=time.time() - t,
+                   **{f"{k}/{m}": v for k, d in res.items() for m, v in d.items()}))
+    return res
+
 def finish_run(run, s, state, meter, log, ckpt, cfg) -> dict:
     "Save the last checkpoint, evaluate (then bring `best` and best.pt up to date), write summary.json and curves.png (rank 0); return the summary."
     _save(ckpt, s, state, cfg, best=not run.eval_sets)          # what was trained is on disk before the final evaluation
     res, improved = evaluate_run(run, s, state, log, per_item=True)       # the final weights' per-item outputs: per_item.json
     if improved: _save(ckpt, s, state, cfg, best=True)
     wall = state.train_time_s()                 # the whole run's, over every resume (this process's: `segment_time_s`)
+    res = res | probe_final(run, s, state, log)                           # linear probes: reported, never choosing best.pt, not in the run's time
     per_epoch = s.schedule['steps_per_epoch']
     whole = per_epoch and state.batch_in_epoch >= per_epoch * run.accum_steps          # ended at the end of an epoch
     summary = dict(method=run.method, steps=state.step, epochs_done=state.epoch + bool(whole),
@@ -574,6 +594,7 @@ def train(
     method:str='declip',            # clip, declip, slip, filip, defilip, siglip (models.METHODS)
     train_data:str='synthetic',     # data spec: synthetic[:k=v,...], csv:PATH, tsv:PATH, jsonl:PATH[:ROOT], wds:PATTERN
     eval_data:str=None,             # eval sets '[name=]spec[@templates] ...'; None = the training data's own (synthetic tasks; openclipart's val split; csv/tsv/jsonl: retrieval on a held-out 2% of the images, 16..1000, none below 100; none for wds); '' = none
+    probe_data:str=None,            # linear probes of the final weights only, '[name=]spec[|test_spec] ...' (e.g. 'transfer', the packaged suite: declip.transfer); None = none
     image_encoder:str='vit-tiny',   # vit-tiny, resnet-tiny, vit-b32, rn50
     text_encoder:str='text-tiny',   # text-tiny, text-base
     image_size:int=None,            # None = the image encoder's size

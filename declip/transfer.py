@@ -10,12 +10,16 @@ from typing import Callable, NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+import torch
 from .datasets import ClassificationSet, load_image
+from .pipeline import parse_data_spec, open_eval_data
+from .evaluation import stratified_split, split_named_entry
 
 # %% auto #0
 __all__ = ['LETTER_FONTS', 'TEST_FONTS', 'LETTER_TEMPLATES', 'ADWAITA_ROOT', 'ICON_TEMPLATES', 'ICON_CONTEXT_NAMES',
            'TRANSFER_SETS', 'ProbeSet', 'probe_set', 'font_dir', 'draw_letter', 'letters_probe', 'shapes_probe',
-           'clipart_probe', 'icons_probe', 'write_fake_icons', 'transfer_suite', 'transfer_from_spec', 'probe_suite']
+           'clipart_probe', 'icons_probe', 'write_fake_icons', 'transfer_suite', 'transfer_from_spec', 'probe_suite',
+           'parse_probe_data', 'split_classification_set', 'open_probe_sets']
 
 # %% ../nbs/08b_transfer.ipynb #427d36cf
 class ProbeSet(NamedTuple):
@@ -194,7 +198,7 @@ def transfer_suite(names=None, options: dict | None = None) -> dict[str, ProbeSe
 
 def transfer_from_spec(spec) -> dict[str, ProbeSet]:
     "The suite a `transfer[:NAME+NAME...][:k=v,...]` data spec names (no names: every set here); each option goes to the sets that take it."
-    from declip.pipeline import parse_data_spec, _parse_value
+    from declip.pipeline import _parse_value
     spec = parse_data_spec(spec)
     if spec.kind != 'transfer': raise ValueError(f'data spec {spec.spec!r} is not a transfer spec')
     names = [n for n in (spec.path or '').split('+') if n]
@@ -217,4 +221,73 @@ def probe_suite(model, suite: dict[str, ProbeSet], transform=None, batch_size: i
         out[name] = {k: (float(v) if k != 'per_item' else v) for k, v in r.items()
                      if k == 'per_item' or (isinstance(v, (int, float)) and not isinstance(v, bool))}
         out[name].update(train_images=float(len(ps.train)), test_images=float(len(ps.test)))
+    return out
+
+# %% ../nbs/08b_transfer.ipynb #d379e2e5
+def parse_probe_data(probe_data) -> list[tuple[str | None, str, str | None]]:
+    "`'[name=]spec[|test_spec] ...'` (or a list) -> [(name or None, spec, test spec or None)], specs checked."
+    if not probe_data: return []
+    items = probe_data.split() if isinstance(probe_data, str) else list(probe_data)
+    out = []
+    for it in items:
+        name, train_spec, test_spec = split_named_entry(it, '|')
+        for s in (train_spec, test_spec or None):
+            if s is None: continue
+            try: kind = parse_data_spec(s).kind
+            except ValueError as e: raise ValueError(f"probe_data entry {it!r} is not '[name=]spec[|test_spec]': {e}") from None
+            if kind not in ('imagefolder', 'synthetic', 'transfer'):
+                raise ValueError(f"probe_data entry {it!r}: {kind} specs hold image-text pairs, but a linear probe needs "
+                                 'labelled images; use imagefolder:PATH, synthetic or transfer (the packaged suite)')
+            if kind == 'transfer' and test_spec: raise ValueError(f"probe_data entry {it!r}: the transfer sets carry their own test parts; give no |test_spec")
+        out.append((name, train_spec, test_spec or None))
+    return out
+
+def split_classification_set(dataset: ClassificationSet, test_fraction: float = 0.5, seed: int = 0) -> tuple[ClassificationSet, ClassificationSet]:
+    "Split a `ClassificationSet` per class (seeded) into (train, test); `test_fraction` of each class, at least one, goes to test."
+    if not 0 < test_fraction < 1: raise ValueError(f'test_fraction must be in (0, 1), got {test_fraction}')
+    tr, te = stratified_split(torch.tensor(dataset.labels), test_fraction, seed)
+    if not len(tr) or not len(te): raise ValueError(f'{dataset!r}: too few images per class to split into train and test')
+    part = lambda idx, what: ClassificationSet([dataset.items[i] for i in idx.tolist()], [dataset.labels[i] for i in idx.tolist()],
+                                               dataset.classnames, dataset.templates, loader=dataset.loader,
+                                               source=f'{dataset!r} [{what}: {len(idx)} images]')
+    return part(tr, 'train'), part(te, 'test')
+
+def _classification_sets(spec, image_size):
+    got = open_eval_data(spec, image_size=image_size)
+    got = got if isinstance(got, dict) else {None: got}
+    return {k: v for k, v in got.items() if isinstance(v, ClassificationSet)}
+
+def open_probe_sets(probe_data, image_size: int, test_fraction: float = 0.5, seed: int = 0) -> dict:
+    "Linear-probe sets: {name: (train ClassificationSet, test ClassificationSet)} (see the rules above)."
+    out = {}
+    for name, spec, test_spec in parse_probe_data(probe_data):
+        parsed = parse_data_spec(spec)
+        key = lambda k: '.'.join(x for x in (name, k) if x) or parsed.kind
+        if test_spec is not None:
+            train_sets, test_sets = _classification_sets(spec, image_size), _classification_sets(test_spec, image_size)
+            if set(train_sets) != set(test_sets): raise ValueError(f'probe_data {spec}|{test_spec}: the two specs open different sets {sorted(map(str, train_sets))} / {sorted(map(str, test_sets))}')
+            for k in train_sets:
+                if train_sets[k].classnames != test_sets[k].classnames:
+                    raise ValueError(f'probe_data {spec}|{test_spec}: train and test have different classes')
+                out[key(k)] = (train_sets[k], test_sets[k])
+        elif parsed.kind == 'transfer':
+            for k, ps in transfer_from_spec(parsed).items(): out[key(k)] = (ps.train, ps.test)
+        elif parsed.kind == 'synthetic':
+            options = {'n_retrieval': '1', **parsed.options}          # the probe needs no retrieval set
+            seed = int(options.get('seed', 0))
+            at_seed = lambda sd: 'synthetic:' + ','.join(f'{k}={v}' for k, v in {**options, 'seed': sd}.items())
+            test_sets, train_sets = _classification_sets(at_seed(seed), image_size), _classification_sets(at_seed(seed + 1), image_size)
+            for k in test_sets: out[key(k)] = (train_sets[k], test_sets[k])
+        else:
+            root = Path(parsed.path)
+            subs = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith('.')) if root.is_dir() else []
+            if subs in (['test', 'train'], ['train', 'val']):
+                opts = (':' + ','.join(f'{k}={v}' for k, v in parsed.options.items())) if parsed.options else ''
+                held_out = subs[0] if subs[0] != 'train' else subs[1]
+                train_set = _classification_sets(f'imagefolder:{root / "train"}{opts}', image_size)[None]
+                test_set = _classification_sets(f'imagefolder:{root / held_out}{opts}', image_size)[None]
+                if train_set.classnames != test_set.classnames:
+                    raise ValueError(f'probe_data {spec!r}: train/ and {held_out}/ have different class folders')
+                out[key(None)] = (train_set, test_set)
+            else: out[key(None)] = split_classification_set(_classification_sets(spec, image_size)[None], test_fraction, seed)
     return out

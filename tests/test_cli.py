@@ -3,7 +3,7 @@
 Each run is a separate process on the CPU with one thread: the `clip` preset with the tiny encoders, 32-pixel images
 and the embedded synthetic data.
 """
-import configparser, importlib, re, subprocess, sys
+import configparser, importlib, json, re, subprocess, sys
 from pathlib import Path
 
 import torch
@@ -121,14 +121,19 @@ def test_killed_export_leaves_a_file_the_next_export_removes(workdir):
 
 def test_train_evaluates_on_openmoji_and_refuses_to_train_on_it(workdir):
     """`--eval_data openmoji:ROOT:...` (the fake package of `declip.openmoji`) puts the three OpenMoji sets in the final
-    evaluation; `--train_data openmoji` is refused in one line (an out-of-distribution test set is never trained on)."""
+    evaluation, and `--probe_data transfer:...` linear probes of the final weights on the transfer suite (per-item outputs
+    in per_item.json); `--train_data openmoji` is refused in one line (an out-of-distribution test set is never trained on)."""
     from declip.openmoji import write_fake_openmoji
     spec = f"openmoji:{write_fake_openmoji(workdir / 'openmoji')}:cache={workdir / 'openmoji_cache'},progress=false"
     out = workdir / 'run'
-    p = run_ok(train_args(output_dir=out, **dict(TINY, max_steps=2, eval_data=spec)), timeout=240)
+    p = run_ok(train_args(output_dir=out, **dict(TINY, max_steps=2, eval_data=spec, probe_data='transfer:shapes:n_per_class=3,image_size=32')),
+               timeout=360)
     rows = {l.split()[0]: l.split()[1:] for l in p.stdout.splitlines() if l.startswith('    ')}
     assert rows['openmoji_groups'][0] == 'zero-shot' and rows['openmoji_subgroups'][0] == 'zero-shot', p.stdout
     assert rows['openmoji_retrieval'][0] == 'retrieval', p.stdout
+    assert rows['probe.shapes'][:2] == ['linear', 'probe'], p.stdout
+    items = json.loads((out / 'per_item.json').read_text())['sets']
+    assert {'openmoji_groups', 'probe.shapes'} <= set(items) and len(items['probe.shapes']['true']) == 24, sorted(items)
     assert sorted((workdir / 'openmoji_cache').glob('*/manifest.json')), 'no prepared cache'
     r = subprocess.run(train_args(output_dir=workdir / 'refused', **dict(TINY, train_data=spec)), env=cpu_env(),
                        capture_output=True, text=True, timeout=120)
