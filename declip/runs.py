@@ -207,11 +207,12 @@ class MetricsLog:
     def __init__(self, run_dir, enabled: bool = True):
         self.path, self.enabled, self._f = Path(run_dir) / 'metrics.jsonl', enabled, None
 
-    def drop_after(self, step: int):
-        "Remove the records logged after `step` (a resumed run logs them again)."
-        if not (self.enabled and self.path.exists()): return
-        lines = [l for l, r in _records(self.path) if r.get('step', 0) <= step]
-        self.path.write_text(''.join(l + '\n' for l in lines))
+    def drop_after(self, step: int) -> list:
+        "Remove the records logged after `step` (a resumed run logs them again); the steps of the removed records."
+        if not (self.enabled and self.path.exists()): return []
+        records = list(_records(self.path))
+        self.path.write_text(''.join(l + '\n' for l, r in records if r.get('step', 0) <= step))
+        return [r.get('step', 0) for _, r in records if r.get('step', 0) > step]
 
     def reset(self):
         "Start a fresh log: a run that starts from step 0 does not continue an older run's records."

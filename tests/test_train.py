@@ -161,7 +161,12 @@ def test_second_signal_during_the_stop_ends_it_at_once(workdir):
     err = Path(stderr_file).read_text()
     assert rc == 128 + signal.SIGTERM and time.time() - t0 < 4 and 'Traceback' not in err, (rc, err[-3000:])
     assert 'SIGINT during the stop: stopped at once' in err, err[-2000:]
-    assert load_ckpt(out / 'checkpoints' / 'last.pt')['step'] in (2, 4)     # the last periodic checkpoint (save_every 2), whole
+    ck = load_ckpt(out / 'checkpoints' / 'last.pt')['step']
+    assert ck in (2, 4)                                                    # the last periodic checkpoint (save_every 2), whole
+    past = max(logged()) > ck                                              # metrics logged after it: the resume drops them, saying so
+    p = run_ok(train_args(**dict(RUN, output_dir=out, resume=True)), timeout=240)
+    assert ('logged after that checkpoint, are dropped' in p.stderr) == past, (past, p.stderr[-2000:])
+    steps = logged(); assert steps == sorted(set(steps)) and steps[-1] == RUN['max_steps'], steps   # each step once, in order
 
 
 # ---------------------------------------------------------------------------------------------------- the CLI
