@@ -742,6 +742,9 @@ REPORTS = {
     'evidence-pilot':    dict(notebook='nbs/openclipart_study.ipynb', output_param='output', jobs=True, train=True, parameters=dict(
         variants=['CLIP', 'DeCLIP'], seeds=1, compute_seeds=0, layout='60-10-30', coarse=True, nn_queue=0.25, ood=True, probe=True,
         seed_sd_from=['openclipart-headline'])),
+    'evidence-sweep':    dict(notebook='nbs/openclipart_study.ipynb', output_param='output', jobs=True, train=True, parameters=dict(
+        variants=['CLIP', 'DeCLIP'], seeds=1, compute_seeds=0, layout='60-10-30', coarse=True, nn_queue=0.25,
+        sweep={'lr': [0.0005, 0.001, 0.002], 'weight_decay': [0.1, 0.5]}, shared=['evidence-pilot'])),
     'train-declip-32ep': dict(notebook='nbs/train.ipynb', parameters=dict(epochs=32), output_param='output_dir'),
     'train-clip-32ep':   dict(notebook='nbs/train.ipynb', parameters=dict(epochs=32, method='clip'), output_param='output_dir'),
     'performance':       dict(script='benchmarks/step.py', smoke_args=['--quick'], report='performance'),
