@@ -25,7 +25,8 @@ __all__ = ['ABLATION_VARIANTS', 'VARIANT_GROUPS', 'KEY_NAMES', 'FINAL_WEIGHTS', 
            'compare', 'paired_interval', 'holm', 'verdict', 'detectable_difference', 'item_outcomes',
            'paired_comparisons', 'design_power', 'queue_sources', 'budget_check', 'learning_curves', 'mean_curve',
            'budget_rule', 'compute_ratio', 'equal_compute', 'best_final_table', 'plot_learning_curves', 'saving_factor',
-           'execute_notebooks', 'default_runs_dir', 'ReportFailed', 'regenerate', 'reports_cli', 'shared_folders']
+           'execute_notebooks', 'default_runs_dir', 'ReportFailed', 'regenerate', 'report_list', 'reports_cli',
+           'shared_folders']
 
 # %% ../nbs/11_study.ipynb #d236c2dc
 ABLATION_VARIANTS = {
@@ -839,13 +840,32 @@ def _execute_report(spec, root, dest, staged, smoke, jobs, progress, recorded):
     pm.execute_notebook(str(nb), str(staged / nb.name), parameters=params, cwd=str(root / 'nbs'),
                         progress_bar=progress, log_output=progress, kernel_name='python3')
 
+def report_list(root=None) -> str:
+    "The reports `declip-reports` knows: name, what runs it, and how many run records it holds (a study trains the runs its records lack)."
+    root = Path(root) if root else _repo_root()
+    lines = []
+    for name, spec in REPORTS.items():
+        what = spec.get('notebook') or spec.get('script') or spec.get('notebooks')
+        held = len(list((root / 'reports' / name / 'runs').glob('*.json'))) if spec.get('train') else None
+        kind = (f'study: {held} recorded run(s); trains the runs it lacks (hours to days on a CPU)' if spec.get('train')
+                else 'benchmark (minutes to an hour)' if 'script' in spec else 'executes notebooks (tens of minutes)' if 'notebooks' in spec
+                else 'one training run (tens of minutes)')
+        lines.append(f'  {name:28s} {what:32s} {kind}')
+    return '\n'.join(lines)
+
 @call_parse
-def reports_cli(names:Param("reports to regenerate (default: all)", str, nargs='*', opt=False)=None,
+def reports_cli(names:Param("reports to regenerate; none: list them (with --smoke or --recorded: all of them)", str, nargs='*', opt=False)=None,
+                all:Param("every report: each study trains the runs its records lack (days on a CPU)", store_true)=False,
                 smoke:Param("tiny smoke parameter set, written under runs/reports-smoke/", store_true)=False,
                 out:Param("output folder (default: reports/, or runs/reports-smoke/ with --smoke)", str)=None,
                 jobs:Param("training runs at once (one torch thread each)", int)=2,
                 recorded:Param("studies that take it train nothing: report their recorded runs, listing the missing ones", store_true)=False):
     "Regenerate the reports in reports/ by running their notebooks with papermill; a report that fails is one line on stderr (exit 1), its folder left as it was."
+    if not names and not (all or smoke or recorded):      # a bare `declip-reports` would train for days: list, and ask
+        print(f'declip-reports: the reports (reports/<name>/):\n{report_list()}')
+        print('declip-reports: name the reports to regenerate, or pass --all; --smoke runs tiny versions of all of them (minutes), '
+              '--recorded reports recorded runs without training', file=sys.stderr, flush=True)
+        sys.exit(2)
     try: regenerate(names or None, smoke=smoke, out=out, jobs=jobs, recorded=recorded)
     except ReportFailed as e: print(f"declip-reports: {e}", file=sys.stderr, flush=True); sys.exit(1)
 

@@ -140,3 +140,13 @@ def test_train_evaluates_on_openmoji_and_refuses_to_train_on_it(workdir):
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode == 2 and last.startswith('declip-train: error: ') and 'openmoji is evaluation-only' in last, r.stderr[-2000:]
     assert not (workdir / 'refused').exists()
+
+
+def test_bare_declip_reports_lists_the_reports_and_trains_nothing(workdir):
+    "`declip-reports` with no names (and no --all, --smoke, --recorded) lists every report and asks for names: exit 2, nothing written."
+    from declip.study import REPORTS
+    before = sorted(p for p in (Path(__file__).resolve().parent.parent / 'reports').rglob('*'))
+    p = subprocess.run([str(Path(DECLIP_TRAIN).parent / 'declip-reports')], env=cpu_env(), capture_output=True, text=True, timeout=120, cwd=workdir)
+    assert p.returncode == 2 and 'name the reports to regenerate, or pass --all' in p.stderr and 'Traceback' not in p.stderr, p.stderr[-2000:]
+    assert all(f'  {name} ' in p.stdout for name in REPORTS), p.stdout
+    assert sorted(p for p in (Path(__file__).resolve().parent.parent / 'reports').rglob('*')) == before

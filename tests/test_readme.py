@@ -51,6 +51,7 @@ CI_COVERED = {
     r'(python -m )?pytest( -q)? tests/?':  r'^\s*python -m pytest -q tests\s*$',
     r'declip-reports --smoke':             r'^\s*declip-reports --smoke\s*$',
     r'declip-reports':                     r'^\s*declip-reports --smoke\s*$',   # all reports: its smoke form is CI's command
+    r'declip-reports --all':               r'^\s*declip-reports --smoke\s*$',   # the same, named explicitly
     r'python benchmarks/step\.py.*':       r'^\s*declip-reports --smoke\s*$',   # declip-reports --smoke runs it with --quick
 }
 
