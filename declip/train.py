@@ -347,9 +347,10 @@ def start_run(run: RunConfig, s: Setup, log: MetricsLog, state: TrainState) -> d
     if s.is_main and run.data_plan.get('note'): print(f"declip-train: {run.data_plan['note']}", file=sys.stderr, flush=True)
     if s.is_main:
         run.output_dir.mkdir(parents=True, exist_ok=True)
-        if run.resume_path is not None and (dropped := log.drop_after(state.step)):      # those steps are done again
-            print(f"declip-train: resuming at step {state.step}: {len(dropped)} metrics.jsonl record(s) of steps {min(dropped)}-{max(dropped)}, "
-                  'logged after that checkpoint, are dropped (the steps are done again)', file=sys.stderr, flush=True)
+        if run.resume_path is not None:
+            if (dropped := log.drop_after(state.step)):                 # those steps are done again
+                print(f"declip-train: resuming at step {state.step}: {len(dropped)} metrics.jsonl record(s) of steps {min(dropped)}-{max(dropped)}, "
+                      'logged after that checkpoint, are dropped (the steps are done again)', file=sys.stderr, flush=True)
         else: log.reset()                                               # a run from step 0 starts a fresh log
         (run.output_dir / 'config.json').write_text(json.dumps(cfg, indent=2, default=str))
     s.ddp = s.model
