@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['CHECKPOINT_KEYS', 'WEIGHTS_FORMAT', 'EXPORT_DROPPED', 'LINE_STYLES', 'MARKERS', 'stale_temp_files', 'atomic_save',
-           'load_checkpoint_file', 'nonfinite_tensors', 'NonFiniteState', 'Checkpointer', 'default_export_path',
+           'pack_rows', 'unpack_rows', 'pack_optimizer', 'unpack_optimizer', 'load_checkpoint_file',
+           'nonfinite_tensors', 'NonFiniteState', 'Checkpointer', 'checkpoint_contents', 'default_export_path',
            'remove_stale_exports', 'export_weights', 'export_cli', 'MetricsLog', 'read_metrics', 'plot_run',
            'RunDirLocked', 'RunLock', 'git_commit', 'environment_info', 'device_description', 'provenance_facts',
            'provenance_markdown', 'provenance', 'markdown_table']
@@ -54,6 +55,34 @@ def atomic_save(obj, path):
 CHECKPOINT_KEYS = ('config', 'model', 'optimizer', 'scaler', 'step', 'rng')
 WEIGHTS_FORMAT = 'declip-weights/1'         # the `format` entry of a weights-only export (`export_weights`)
 
+def _zero_rows(t: torch.Tensor) -> torch.Tensor:
+    "Rows (along dim 0) whose every byte is zero: +0.0 only, so that a row restored as zeros is bitwise the row saved."
+    return t.detach().reshape(t.shape[0], -1).contiguous().view(torch.uint8).eq(0).all(1)
+
+def pack_rows(t, min_rows: int = 1024):
+    "A tensor with at least `min_rows` rows, most of them all zero (Adam's moments of a token embedding: tokens never seen), as {rows, packed_rows, values}; else itself."
+    if not isinstance(t, torch.Tensor) or t.dim() < 2 or t.shape[0] < min_rows or t.is_sparse: return t
+    keep = ~_zero_rows(t)
+    if keep.sum() * 2 > t.shape[0]: return t
+    idx = keep.nonzero().squeeze(1)
+    return dict(rows=t.shape[0], packed_rows=idx.to(torch.int32), values=t[idx].clone())
+
+def unpack_rows(v):
+    "The dense tensor of a `pack_rows` dict (other values as they are)."
+    if not (isinstance(v, dict) and 'packed_rows' in v): return v
+    out = v['values'].new_zeros((v['rows'], *v['values'].shape[1:]))
+    out[v['packed_rows'].long()] = v['values']
+    return out
+
+def pack_optimizer(sd: dict) -> dict:
+    "An optimiser state dict with its mostly-zero moments packed (`pack_rows`); everything else shared, not copied."
+    return dict(sd, state={i: {k: pack_rows(v) for k, v in st.items()} for i, st in sd['state'].items()})
+
+def unpack_optimizer(sd: dict) -> dict:
+    "The inverse of `pack_optimizer` (a dense state dict is returned as it is)."
+    if 'state' not in sd: return sd
+    return dict(sd, state={i: {k: unpack_rows(v) for k, v in st.items()} for i, st in sd['state'].items()})
+
 def load_checkpoint_file(path, map_location='cpu', keys=()):
     "Load a checkpoint safely (weights_only=True); one that cannot be read, or lacks one of `keys`, fails in one line (ValueError)."
     path = Path(path)
@@ -68,6 +97,7 @@ def load_checkpoint_file(path, map_location='cpu', keys=()):
         raise ValueError(f"{str(path)!r} is a weights-only export (declip-export: no optimiser state, no queue); it loads for "
                          "evaluation (inference.load_checkpoint) but training cannot resume from it: resume from the run's checkpoints/last.pt")
     if missing: raise ValueError(f"{str(path)!r} is not a declip training checkpoint: it lacks {missing}")
+    if isinstance(ck, dict) and isinstance(ck.get('optimizer'), dict): ck['optimizer'] = unpack_optimizer(ck['optimizer'])
     return ck
 
 def nonfinite_tensors(*state_dicts) -> list[str]:
@@ -123,6 +153,7 @@ class Checkpointer:
                   **state.state_dict(), rng=rng_state(device))
         bad = nonfinite_tensors(dict(model=ck['model'], optimizer=ck['optimizer']['state']))
         if bad: raise NonFiniteState(f"step {state.step}: non-finite values in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}; not saved")
+        ck['optimizer'] = pack_optimizer(ck['optimizer'])     # the zero rows of the token embedding's moments are not written
         path = self.dir / f'step_{state.step:08d}.pt'
         atomic_save(ck, path)
         self._link(path, 'last.pt')
@@ -141,6 +172,28 @@ class Checkpointer:
         state.load_state_dict(ck, counts=counts)
         set_rng_state(ck['rng'], device)
         return ck
+
+# %% ../nbs/06a_runs.ipynb #ae0a8f75
+def checkpoint_contents(path) -> 'pd.DataFrame':
+    "The parts of a checkpoint file as stored (model by top-level module, optimiser moments, the rest): MB and share, largest first."
+    import pandas as pd
+    ck = torch.load(path, map_location='cpu', weights_only=True)
+    def size(v):
+        if isinstance(v, torch.Tensor): return v.numel() * v.element_size()
+        if isinstance(v, dict): return sum(size(x) for x in v.values())
+        if isinstance(v, (list, tuple)): return sum(size(x) for x in v)
+        return 0
+    parts = {}
+    for k, v in (ck.get('model') or {}).items(): parts[f"model: {k.split('.')[0]}"] = parts.get(f"model: {k.split('.')[0]}", 0) + size(v)
+    for st in ((ck.get('optimizer') or {}).get('state') or {}).values():
+        for k, v in st.items(): parts[f'optimizer: {k}'] = parts.get(f'optimizer: {k}', 0) + size(v)
+    for k, v in ck.items():
+        if k not in ('model', 'optimizer'): parts['other: ' + k] = size(v)
+    df = pd.DataFrame(dict(part=list(parts), MB=[b / 1e6 for b in parts.values()]))
+    df = df[df.MB > 0].sort_values('MB', ascending=False).reset_index(drop=True)
+    df['share'] = df.MB / df.MB.sum()
+    df.attrs['file_MB'] = Path(path).stat().st_size / 1e6
+    return df
 
 # %% ../nbs/06a_runs.ipynb #e5df4392
 EXPORT_DROPPED = ('nn_queue.',)             # state-dict prefixes an export leaves out (re-created as initialised when loaded)
@@ -253,17 +306,20 @@ def _plot_losses(ax, tr, few: int = 40):
     "The total loss thick, pale, underneath; each term in its own line style and marker above it; markers while points are few."
     mark = len(tr) <= few
     if 'loss' in tr: ax.plot(tr['step'], tr['loss'], label='loss (total)', color='0.3', lw=4, alpha=.35, marker='o' if mark else None, ms=8, zorder=1)
-    for i, c in enumerate(c for c in tr.columns if c.startswith('loss_')):
-        ax.plot(tr['step'], tr[c], label=c, ls=LINE_STYLES[i % len(LINE_STYLES)], lw=1.5, alpha=.9,
+    for i, c in enumerate(c for c in tr.columns if c.startswith('loss_')):      # earlier terms wider: one drawn over another still shows
+        ax.plot(tr['step'], tr[c], label=c, ls=LINE_STYLES[i % len(LINE_STYLES)], lw=max(3 - .5 * i, 1), alpha=.9,
                 marker=MARKERS[i % len(MARKERS)] if mark else None, ms=4, zorder=2 + i)
 
 def _plot_eval(ax, ev, chance: dict):
-    "Each top-1 / R@1 metric with markers; its chance level, where known, a dotted line of its colour."
+    "Each top-1 / R@1 metric with markers; each chance level, where known, one gray dotted line with its own legend entry naming its sets."
     cols = [c for c in ev.columns if c.endswith('/top1') or c.endswith('R@1')]
     for i, c in enumerate(cols):
-        line, = ax.plot(ev['step'], ev[c], marker=MARKERS[i % len(MARKERS)], ms=5, lw=1.5, label=c, zorder=2 + i)
-        if c in chance: ax.axhline(chance[c], color=line.get_color(), ls=':', lw=1.2, zorder=1)
-    if any(c in chance for c in cols): ax.plot([], [], color='0.4', ls=':', lw=1.2, label='chance level')
+        ax.plot(ev['step'], ev[c], marker=MARKERS[i % len(MARKERS)], ms=5, lw=1.5, label=c, zorder=2 + i)
+    levels = {}
+    for c in cols:
+        if c in chance: levels.setdefault(f'{chance[c]:.4g}', (chance[c], []))[1].append(c.split('/')[0])   # equal levels drawn once
+    for j, (v, sets) in enumerate(sorted(levels.values())):
+        ax.axhline(v, color='0.35', ls=(0, (1, 1 + 2 * j)), lw=1.2, zorder=1, label=f"chance {v:.3g}: {', '.join(dict.fromkeys(sets))}")
     ax.set_ylim(0, 1)
 
 def _recorded_chance(output_dir) -> dict:
@@ -281,6 +337,8 @@ def plot_run(output_dir, fname='curves.png', chance: dict | None = None):
     if len(ev): _plot_eval(eval_ax, ev, _recorded_chance(output_dir) if chance is None else chance)
     _panel(loss_ax, 'training losses', None if len(tr) else 'no training step logged')
     _panel(eval_ax, 'evaluation', None if len(ev) else 'no evaluation logged')
+    last = max([df['step'].max() for df in (tr, ev) if len(df)] or [1])
+    for ax in (loss_ax, eval_ax): ax.set_xlim(0, last * 1.03)          # the whole run on both panels, one evaluation included
     fig.tight_layout(); fig.savefig(Path(output_dir) / fname, dpi=100); plt.close(fig)
     _tensorboard(output_dir, tr, ev)
     return fig

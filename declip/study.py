@@ -25,8 +25,8 @@ __all__ = ['ABLATION_VARIANTS', 'VARIANT_GROUPS', 'KEY_NAMES', 'FINAL_WEIGHTS', 
            'compare', 'paired_interval', 'holm', 'verdict', 'detectable_difference', 'item_outcomes',
            'paired_comparisons', 'design_power', 'queue_sources', 'budget_check', 'learning_curves', 'mean_curve',
            'budget_rule', 'compute_ratio', 'equal_compute', 'best_final_table', 'plot_learning_curves', 'saving_factor',
-           'execute_notebooks', 'default_runs_dir', 'ReportFailed', 'regenerate', 'report_list', 'reports_cli',
-           'shared_folders']
+           'notebook_sources', 'stale_notebooks', 'execute_notebooks', 'default_runs_dir', 'ReportFailed', 'regenerate',
+           'report_list', 'reports_cli', 'shared_folders']
 
 # %% ../nbs/11_study.ipynb #d236c2dc
 ABLATION_VARIANTS = {
@@ -709,21 +709,38 @@ def saving_factor(df:pd.DataFrame, metric:str, base='CLIP', other='DeCLIP', meth
     return pd.DataFrame(rows).set_index('pairs')
 
 # %% ../nbs/11_study.ipynb #b2c3d4e5
-def execute_notebooks(paths:list, dest, progress:bool=True) -> pd.DataFrame:
-    "Execute notebooks with papermill (cwd: their folder) into `dest`, and write `dest`/README.md: commit, date, seconds each."
+def notebook_sources(path) -> list:
+    "(cell type, source) of every cell of a notebook: what an executed copy must share with it to be current."
+    cells = json.loads(Path(path).read_text())['cells']
+    return [(c['cell_type'], c['source'] if isinstance(c['source'], str) else ''.join(c['source'])) for c in cells]
+
+def stale_notebooks(paths, dest) -> list:
+    "The notebooks among `paths` whose executed copy in `dest` is missing or shows other cells than the notebook now has."
+    return [Path(p) for p in paths if not (Path(dest) / Path(p).name).exists() or notebook_sources(Path(dest) / Path(p).name) != notebook_sources(p)]
+
+def execute_notebooks(paths:list, dest, progress:bool=True, current=None) -> pd.DataFrame:
+    "Execute notebooks with papermill (cwd: their folder) into `dest` (with `current`, a folder of executed copies: only those stale there), and write `dest`/README.md and index.json: commit, date, seconds of each."
     import papermill as pm
     dest = Path(dest); dest.mkdir(parents=True, exist_ok=True)
-    started, commit, rows = time.time(), git_commit(), []
-    for p in map(Path, paths):
+    started, commit = time.time(), git_commit()
+    index_file = Path(current or dest) / 'index.json'
+    index = json.loads(index_file.read_text()) if index_file.exists() else {}
+    todo = stale_notebooks(paths, current) if current is not None else list(map(Path, paths))
+    for p in todo:
         t0 = time.time()
         pm.execute_notebook(str(p), str(dest / p.name), cwd=str(p.parent), progress_bar=progress, kernel_name='python3')
-        rows.append(dict(notebook=f'[{p.stem}]({p.name})', source=f'`nbs/{p.name}`', seconds=round(time.time() - t0, 1)))
-    table = pd.DataFrame(rows).set_index('notebook')
-    facts = provenance(dict(notebooks=[Path(p).name for p in paths]), started, command='declip-reports notebooks', commit=commit)
+        index[p.name] = dict(commit=commit, date=time.strftime('%Y-%m-%d', time.gmtime()), seconds=round(time.time() - t0, 1))
+    names = [Path(p).name for p in paths]
+    index = {n: index[n] for n in names if n in index}
+    table = pd.DataFrame([dict(notebook=f'[{Path(n).stem}]({n})', source=f'`nbs/{n}`', commit=(r['commit'] or '?')[:10], date=r['date'],
+                               seconds=r['seconds']) for n, r in index.items()]).set_index('notebook')
+    facts = provenance(dict(notebooks=[p.name for p in todo]), started, command='declip-reports notebooks', commit=commit)
+    (dest / 'index.json').write_text(json.dumps(index, indent=1) + '\n')
     (dest / 'README.md').write_text('\n'.join([
         '# The library notebooks, executed', '', 'Each notebook of `nbs/` run top to bottom by papermill (the `#| slow` cells too), '
-        'outputs kept; regenerate with `declip-reports notebooks`. They show the code of the commit below, not necessarily of '
-        'the latest one.', '', markdown_table(table, formats={'seconds': '{:.1f}'}), '', '## Provenance', '', facts, '']))
+        'outputs kept. `declip-reports notebooks` executes again those whose cells differ from `nbs/` (a test, '
+        '`tests/test_reports.py`, fails while one does); each row names the commit it was executed at.', '',
+        markdown_table(table, formats={'seconds': '{:.1f}'}), '', '## Provenance of the last regeneration', '', facts, '']))
     return table
 
 # %% ../nbs/11_study.ipynb #ac97b0f7
@@ -829,7 +846,7 @@ def _execute_report(spec, root, dest, staged, smoke, jobs, progress, recorded):
     if 'notebooks' in spec:
         paths = sorted(root.glob(spec['notebooks']))
         if smoke: paths = [p for p in paths if p.name in spec['smoke_notebooks']]
-        return execute_notebooks(paths, staged, progress=progress)
+        return execute_notebooks(paths, staged, progress=progress, current=None if smoke else dest)   # only those whose copy is stale
     import papermill as pm
     nb = root / spec['notebook']
     in_place = spec['output_param'] in RUN_FOLDER_PARAMS

@@ -36,5 +36,6 @@ def run_ok(cmd, env=None, timeout=120):
 
 
 def load_ckpt(path):
-    "A checkpoint loaded the safe way (a checkpoint must never need to run code)."
-    return torch.load(path, map_location='cpu', weights_only=True)
+    "A checkpoint loaded the safe way (weights_only: a checkpoint must never need to run code), its packed optimiser rows restored."
+    from declip.runs import load_checkpoint_file
+    return load_checkpoint_file(path)

@@ -11,7 +11,7 @@ import torch
 from helpers import DECLIP_TRAIN, cpu_env, load_ckpt, run_ok, train_args
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = dict(method='clip', train_data='synthetic:size=32', batch_size=8, max_steps=4, image_size=32, log_every=1)
+TINY = dict(method='clip', image_encoder='vit-tiny', train_data='synthetic:size=32', batch_size=8, max_steps=4, image_size=32, log_every=1)
 EVAL = 'synthetic:n_per_class=2,n_retrieval=8'
 
 

@@ -140,7 +140,7 @@ def test_accumulation_is_one_large_batch(workdir, method):
     assert losses[0] > 3.0, losses                                   # InfoNCE over 32 starts near ln 32 = 3.47, not ln 8 = 2.08
 
 
-COMMON = dict(method='clip', train_data='synthetic:size=64', max_steps=3, save_every=3, log_every=1, image_size=32, min_lr=1e-4, seed=3)
+COMMON = dict(method='clip', image_encoder='vit-tiny', train_data='synthetic:size=64', max_steps=3, save_every=3, log_every=1, image_size=32, min_lr=1e-4, seed=3)
 
 
 def _assert_same_training(one, two, global_batch):
@@ -271,7 +271,7 @@ except SystemExit as e: code = e.code; raise
 finally:
     with open(os.path.join(os.environ['EXIT_DIR'], f"rank{os.environ['RANK']}.exit"), 'w') as f: f.write(str(code))
 '''
-STOP_RUN = dict(method='clip', train_data='synthetic:size=64', batch_size=8, max_steps=6, save_every=2, log_every=1,
+STOP_RUN = dict(method='clip', image_encoder='vit-tiny', train_data='synthetic:size=64', batch_size=8, max_steps=6, save_every=2, log_every=1,
                 image_size=32, min_lr=1e-4, seed=5, keep_checkpoints=1)      # 2 x 8 = 16 a step: 4 steps an epoch
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from helpers import DECLIP_TRAIN, cpu_env, load_ckpt, run_ok, train_args
 
-RUN = dict(method='clip', train_data='synthetic:size=16', batch_size=8, max_steps=2, image_size=32, log_every=1)
+RUN = dict(method='clip', image_encoder='vit-tiny', train_data='synthetic:size=16', batch_size=8, max_steps=2, image_size=32, log_every=1)
 TIMEOUT = 180          # a run that hangs fails here
 
 
@@ -219,9 +219,9 @@ def _mount_tmpfs(path, size, *options):
 
 
 def test_full_disk_one_line_previous_checkpoint_kept(workdir):
-    "A filesystem with room for one checkpoint (~106 MB) but not two: the second write fails cleanly."
+    "A filesystem with room for one checkpoint (~55 MB) but not two: the second write fails cleanly."
     fs = workdir / 'small'
-    _mount_tmpfs(fs, '150m')
+    _mount_tmpfs(fs, '80m')
     try:
         code, err = run(output_dir=fs / 'run', **dict(RUN, max_steps=3, save_every=1, keep_checkpoints=1))
         assert code == 1 and 'No space left on device' in one_line(err) and 'step_00000002.pt' in err

@@ -39,3 +39,43 @@ def test_parameters_cell_runs_on_its_own(path):
     namespace = {}
     exec(compile(''.join(cell['source']), str(path), 'exec'), namespace)
     assert set(assigned_names(path)) <= set(namespace)
+
+
+def notebook_defaults(path):
+    "{name: default} of the parameters cell (its literals evaluated)."
+    cell = next(c for c in json.loads(path.read_text())['cells'] if 'parameters' in c['metadata'].get('tags', []))
+    namespace = {}
+    exec(compile(''.join(cell['source']), str(path), 'exec'), namespace)
+    return {n: namespace[n] for n in assigned_names(path)}
+
+
+def test_train_notebook_cli_and_train_share_their_defaults():
+    "One default per parameter (issue 37): the train notebook's parameters cell, `train()` and `declip-train` agree on every name they share."
+    import inspect
+    from declip.train import train, train_parser
+    nb = notebook_defaults(NBS / 'train.ipynb')
+    sig = {k: p.default for k, p in inspect.signature(train).parameters.items() if p.default is not inspect.Parameter.empty}
+    cli = vars(train_parser().parse_args([]))
+    shared = sorted(set(nb) & set(sig))
+    assert {'resume', 'image_encoder', 'output_dir', 'eval_every', 'epochs', 'method'} <= set(shared), shared
+    differ = {k: (nb[k], sig[k], cli[k]) for k in shared if not (nb[k] == sig[k] == cli[k])}
+    assert not differ, f'notebook / train() / declip-train defaults differ: {differ}'
+
+
+def test_papermill_terminal_shows_the_run_and_its_summary(tmp_path):
+    "Under papermill the trainer's own lines, its progress bar and its closing summary reach papermill's terminal (issue 37, item 5)."
+    import os, subprocess, sys
+    env = {k: v for k, v in os.environ.items() if k not in ('PYTEST_CURRENT_TEST', 'IN_TEST', 'DECLIP_ECHO')}   # a user's shell
+    env.update(OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='', MPLBACKEND='Agg')
+    out = tmp_path / 'run'
+    p = subprocess.run([str(Path(sys.executable).parent / 'papermill'), str(NBS / 'train.ipynb'), str(tmp_path / 'train.ipynb'),
+                        '-p', 'smoke', 'True', '-p', 'output_dir', str(out)],
+                       cwd=NBS, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    terminal = p.stdout + p.stderr
+    assert f'declip-train: finished declip: 3 steps' in terminal and f'output folder: {out}' in terminal, terminal[-3000:]
+    assert 'train: 100%' in terminal and '3/3' in terminal, terminal[-3000:]          # the trainer's own bar, not only papermill's cells
+    executed = json.loads((tmp_path / 'train.ipynb').read_text())
+    text = ''.join(o.get('text', '') if isinstance(o.get('text', ''), str) else ''.join(o['text'])
+                   for c in executed['cells'] for o in c.get('outputs', []))
+    assert 'declip-train: finished declip' in text and 'train: 100%' not in text      # the notebook keeps the summary, not the bar

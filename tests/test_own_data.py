@@ -1,8 +1,9 @@
-"""Your own image-caption data, as the README's section "Train and evaluate on your own image-caption data" says (issue 15).
+"""Your own image-caption data, as docs/data.md's section "Train and evaluate on your own image-caption data" says (issue 15;
+the section moved there from README.md in issue 37).
 
 The commands below are that section's commands, verbatim (`test_readme_section_has_these_commands` keeps the two
 the same). They run with `bash -c` in a fresh working folder laid out like the checkout's root, on data this
-test writes at the paths the README uses:
+test writes at the paths the section uses:
 
 - `mydata/pairs.csv` (columns `filepath,caption`; open_clip's default caption column is `title`, hence
   `caption_key=caption`) and its 200 images `mydata/images/NNNN.png`;
@@ -25,7 +26,7 @@ from helpers import cpu_env
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 TIMEOUT = 300
-SECTION = 'Train and evaluate on your own image-caption data'
+PAGE, SECTION = ROOT / 'docs' / 'data.md', 'Train and evaluate on your own image-caption data'
 TRAIN_CSV = ('declip-train --method clip --train_data csv:mydata/pairs.csv:caption_key=caption --epochs 1 --batch_size 8 '
              '--image_encoder vit-tiny --text_encoder text-tiny --image_size 32 --workers 0 --output_dir runs/own')
 EVALUATE = ('papermill nbs/evaluate.ipynb runs/own/evaluate.ipynb -p checkpoint runs/own/checkpoints/best.pt '
@@ -49,7 +50,7 @@ def picture(i: int) -> tuple[Image.Image, str]:
 
 
 def write_own_data(work: Path):
-    "The README's data, at its paths under `work`."
+    "The section's data, at its paths under `work`."
     data = work / 'mydata'
     (data / 'images').mkdir(parents=True)
     rows = ['filepath,caption']
@@ -72,7 +73,7 @@ def write_own_data(work: Path):
 
 
 def sh(command: str, work: Path) -> subprocess.CompletedProcess:
-    "A README command, verbatim, in `work`: it must exit 0."
+    "A command of the section, verbatim, in `work`: it must exit 0."
     env = cpu_env(PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     env.pop('IN_TEST', None)                                   # evaluate.ipynb trains its own checkpoint under nbdev_test
     t = time.time()
@@ -84,7 +85,7 @@ def sh(command: str, work: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope='module')
 def own(tmp_path_factory):
-    "The working folder after the README's commands: {command: its completed process}."
+    "The working folder after the section's commands: {command: its completed process}."
     work = tmp_path_factory.mktemp('own-data')
     write_own_data(work)
     done = {c: sh(c, work) for c in COMMANDS}
@@ -142,11 +143,11 @@ def test_webdataset_run_trains_without_holdout(own):
 
 
 def test_readme_section_has_these_commands():
-    "README.md's own-data section holds exactly these commands (its bash lines, continuations joined), so what it says is what runs here."
-    text = (ROOT / 'README.md').read_text()
+    "docs/data.md's own-data section holds exactly these commands (its bash lines, continuations joined), so what it says is what runs here."
+    text = PAGE.read_text()
     start = text.find(f'## {SECTION}')
-    assert start >= 0, f"README.md has no section '## {SECTION}'"
+    assert start >= 0, f"{PAGE.relative_to(ROOT)} has no section '## {SECTION}'"
     end = text.find('\n## ', start + 1)
     blocks = re.findall(r'```bash\n(.*?)```', text[start:end if end > 0 else None], re.S)
     lines = [re.sub(r'\s+', ' ', l.split(' #')[0]).strip() for l in '\n'.join(blocks).replace('\\\n', ' ').splitlines()]
-    for c in COMMANDS: assert c in lines, f'README section {SECTION!r} lacks: {c}'
+    for c in COMMANDS: assert c in lines, f'{PAGE.relative_to(ROOT)} section {SECTION!r} lacks: {c}'

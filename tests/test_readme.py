@@ -1,22 +1,23 @@
-"""Every command in README.md works verbatim on a fresh clone (issue 15).
+"""Every command in README.md and in the pages under docs/ works verbatim on a fresh clone (issues 15 and 37).
 
-The commands are the lines of README.md's ```bash blocks (backslash continuations joined, blank lines and pure
-comment lines skipped). Each one is, in this order of precedence:
+The commands are the lines of the ```bash blocks of README.md and of every docs/*.md page (backslash continuations
+joined, blank lines and pure comment lines skipped), README first, then the docs pages in sorted order; a test's id
+names its page and line (`README.md:L33:...`, `docs/data.md:L61:...`). Each one is, in this order of precedence:
 
 - **marked**: its trailing comment contains `(not in CI: <reason>)` -- it needs what CI cannot have (GPUs, a
   cluster, CC3M, root, the network, another package index). Nothing is run.
 - **covered by .ci/run**: CI runs it itself (the install, `nbdev_test`, `declip-reports --smoke`, ...); the test
   checks that .ci/run really contains it (`CI_COVERED`).
 - **run**: verbatim, with `bash -c`, from the root of a fresh copy of the checkout (the files git tracks or would
-  track, nothing git ignores: no `runs/`, no data cache), one torch thread, no GPU, in README order (a later
-  command may use what an earlier one wrote), after the one smoke transformation of its command in `SMOKE` and the
+  track, nothing git ignores: no `runs/`, no data cache), one torch thread, no GPU, in the order above, all pages
+  sharing the one copy (a later command may use what an earlier one wrote, on its page or an earlier one), after the one smoke transformation of its command in `SMOKE` and the
   data preparation below. It must exit 0.
-- anything else fails, naming the command: a new README command cannot slip through unseen.
+- anything else fails, naming the page, the line and the command: a new command cannot slip through unseen.
 
 Data preparation, before a command runs:
 
 - a data spec (`--train_data`, `--eval_data`, `--probe_data`, `-p train_data|eval_data|probe_data`) of kind csv, tsv,
-  jsonl, imagefolder or wds whose path does not exist in the copy is written there, at the exact path the README
+  jsonl, imagefolder or wds whose path does not exist in the copy is written there, at the exact path the page
   uses: a few tiny PNGs and the CSV (the columns the spec names, else the `image_key`/`caption_key` defaults), the
   JSON lines (`filename`, `caption`), the class folders, or the shards (`KEY.png` + `KEY.txt`, with `sizes.json`);
 - an `openclipart` spec without a root (or with Debian's) is pointed at the fake tree of
@@ -27,6 +28,9 @@ Data preparation, before a command runs:
 
 The copy imports its own `declip` (PYTHONPATH), so that everything a run derives from the package's location (the
 Open Clip Art cache in `data/`, `declip-reports`' checkout, `runs/study`) lies in the copy, never in the checkout.
+
+Every relative link of these pages (`[text](path)`, images too) must name a file or folder that exists, and an
+anchor into one of these pages a heading that it has (`test_relative_links_resolve`).
 """
 import csv, json, os, re, shlex, shutil, subprocess, sys, tarfile, tempfile
 from io import BytesIO
@@ -38,6 +42,7 @@ from helpers import cpu_env
 
 ROOT = Path(__file__).resolve().parent.parent
 README, CI_RUN = ROOT / 'README.md', ROOT / '.ci' / 'run'
+PAGES = [README] + sorted((ROOT / 'docs').glob('*.md'))          # README first, then docs/ in sorted order
 BIN = Path(sys.executable).parent
 MARKER = re.compile(r'\(not in CI:\s*([^()]*(?:\([^()]*\)[^()]*)*)\)')
 TIMEOUT = 600                          # seconds per command (each takes 15-60 s on the 2-core CPU)
@@ -50,7 +55,6 @@ CI_COVERED = {
     r'nbdev_export':                       r'^\s*nbdev_export\s*$',
     r'(python -m )?pytest( -q)? tests/?':  r'^\s*python -m pytest -q tests\s*$',
     r'declip-reports --smoke':             r'^\s*declip-reports --smoke\s*$',
-    r'declip-reports':                     r'^\s*declip-reports --smoke\s*$',   # all reports: its smoke form is CI's command
     r'declip-reports --all':               r'^\s*declip-reports --smoke\s*$',   # the same, named explicitly
     r'python benchmarks/step\.py.*':       r'^\s*declip-reports --smoke\s*$',   # declip-reports --smoke runs it with --quick
 }
@@ -73,7 +77,7 @@ SMOKE = [
 DATA_FLAGS = ('train_data', 'eval_data', 'probe_data')
 
 
-# ---------------------------------------------------------------- the README's commands
+# ---------------------------------------------------------------- the pages' commands
 
 def fenced_blocks(text):
     "[(language, first line number, [lines])] of the fenced blocks of markdown `text`."
@@ -97,8 +101,8 @@ def split_comment(line):
     return line.rstrip(), ''
 
 
-def readme_commands(text):
-    "[(line number, command, comment)] of the ```bash blocks: continuations joined, blank and comment lines skipped."
+def readme_commands(text, page='README.md'):
+    "[(line number, command, comment)] of the ```bash blocks of `page`'s `text`: continuations joined, blank and comment lines skipped."
     out = []
     for lang, start, lines in fenced_blocks(text):
         if lang != 'bash': continue
@@ -109,7 +113,7 @@ def readme_commands(text):
             if line.rstrip().endswith('\\'): pending += line.rstrip()[:-1].rstrip() + ' '; continue
             cmd, comment = split_comment(pending + line.strip())
             out.append((first, cmd.strip(), comment)); pending = ''
-        assert not pending, f'README.md line {first}: a backslash continuation runs off the end of its block'
+        assert not pending, f'{page} line {first}: a backslash continuation runs off the end of its block'
     return out
 
 
@@ -155,7 +159,46 @@ def classify(cmd, comment, root=ROOT):
     return 'run', None
 
 
-COMMANDS = readme_commands(README.read_text())
+def page_name(path):
+    "A page's path relative to the checkout, e.g. `README.md`, `docs/data.md`."
+    return Path(path).relative_to(ROOT).as_posix()
+
+
+COMMANDS = [(page_name(p), n, c, comment) for p in PAGES for n, c, comment in readme_commands(p.read_text(), page_name(p))]
+"[(page, line number, command, comment)] of every page, README first, then docs/*.md in sorted order."
+
+
+# ---------------------------------------------------------------- the pages' links
+
+LINK = re.compile(r'!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+"[^"]*")?\s*\)')
+
+
+def slug(heading):
+    "GitHub's anchor of a markdown heading: lower case, punctuation dropped, spaces to hyphens."
+    return re.sub(r' ', '-', re.sub(r'[^\w\- ]', '', heading.strip().lower()))
+
+
+def anchors(text):
+    "The anchors of the headings of markdown `text` (outside fenced blocks; a repeated heading gets -1, -2, ...)."
+    seen, out, fence = {}, set(), False
+    for line in text.splitlines():
+        if re.match(r'^\s*```', line): fence = not fence; continue
+        m = None if fence else re.match(r'^#{1,6}\s+(.*?)\s*#*\s*$', line)
+        if m:
+            a = slug(m.group(1)); k = seen.get(a, 0); seen[a] = k + 1
+            out.add(a if k == 0 else f'{a}-{k}')
+    return out
+
+
+def relative_links(text):
+    "[(line number, target)] of the links of markdown `text` that are neither web addresses nor mail (code left out)."
+    out, fence = [], False
+    for n, line in enumerate(text.splitlines(), 1):
+        if re.match(r'^\s*```', line): fence = not fence; continue
+        if fence: continue
+        for m in LINK.finditer(re.sub(r'`[^`]*`', '``', line)):
+            if not re.match(r'^[a-z][a-z0-9+.-]*:', m.group(1), re.I): out.append((n, m.group(1)))
+    return out
 
 
 # ---------------------------------------------------------------- the smoke transformation and the data it needs
@@ -325,6 +368,7 @@ def test_readme_parsing_finds_continuations_markers_and_strangers():
     assert classify('mkdir -p runs && rm -rf runs', '')[0] == 'unknown'
     assert classify('declip-reports --smoke ablations', '')[0] == classify('declip-reports ablations', '')[0] == 'run'
     assert classify('torchrun x', '# (not in CI: )')[0] == 'unknown'
+    assert SHELL_LIKE.match('declip-train --method clip') and SHELL_LIKE.match('$ pip install x') and not SHELL_LIKE.match('loss = 0.4 L_CLIP')
 
 
 def test_written_data_is_what_the_specs_read(workdir, monkeypatch):
@@ -351,39 +395,83 @@ def test_written_data_is_what_the_specs_read(workdir, monkeypatch):
     with pytest.raises(pytest.fail.Exception, match='outside the checkout'): write_data('csv:/nonexistent/x.csv', workdir)
 
 
+SHELL_LIKE = re.compile(r'^\s*(\$ )?(pip|python3?|papermill|declip-\w+|torchrun|nbdev_\w+|mkdir|apt(-get)?|bash|git|cd|export)\b')
+
+
 def test_readme_has_shell_commands_only_in_bash_blocks():
-    "A shell block under another name (```sh, ```shell, ```console, or none) would escape this test."
-    langs = {lang for lang, _, _ in fenced_blocks(README.read_text())}
-    assert 'bash' in langs and not langs & {'', 'sh', 'shell', 'console', 'zsh'}, f'fence languages {langs}: use ```bash for commands'
+    "A shell block under another name (```sh, ```shell, ```console; or none, when a line reads like a command) would escape this test, on any page."
+    for page in PAGES:
+        blocks = fenced_blocks(page.read_text())
+        langs = {lang for lang, _, _ in blocks}
+        assert not langs & {'sh', 'shell', 'console', 'zsh'}, f'{page_name(page)}: fence languages {langs}: use ```bash for commands'
+        for lang, start, lines in blocks:
+            assert lang or not any(SHELL_LIKE.match(l) for l in lines), \
+                f'{page_name(page)} line {start}: a block without a language holds a command: use ```bash (or ```text for what is no command)'
+        assert page != README or 'bash' in langs, 'README.md has no ```bash block'
+
+
+def test_pages_are_collected_in_order():
+    "README first, then every docs/*.md page in sorted order; each command's page and line as the ids show them."
+    assert PAGES[0] == README and PAGES[1:] == sorted(PAGES[1:]) and all(p.parent == ROOT / 'docs' for p in PAGES[1:])
+    assert {p.name for p in (ROOT / 'docs').glob('*.md')} == {p.name for p in PAGES[1:]}
+    pages = [page for page, *_ in COMMANDS]
+    assert pages[0] == 'README.md' and pages == sorted(pages, key=lambda p: (p != 'README.md', p)), pages
+    for page, n, cmd, _ in COMMANDS:
+        line = ' '.join((ROOT / page).read_text().splitlines()[n - 1].split())
+        assert line.startswith(' '.join(cmd.split()[:2])), f'{page} line {n} is not where {cmd!r} starts: {line!r}'
+
+
+def test_links_parse():
+    "The link extractor and the anchors on a page written for the purpose (so that they can fail)."
+    text = '\n'.join(['# A page', '## Speed (CPU): `python benchmarks/step.py`', "### Do the paper's claims hold here?", '## A page',
+                      'See [the data](docs/data.md#x), ![fig](reports/a.png), [`x`](reports/x/README.md "t"), [web](https://x.org),',
+                      '`[not a link](nowhere.md)`, [mail](mailto:a@b), [same](#a-page-1) and [[1]](ref.md).',
+                      '```bash', 'echo [x](inside-code.md)', '```'])
+    assert anchors(text) == {'a-page', 'speed-cpu-python-benchmarkssteppy', 'do-the-papers-claims-hold-here', 'a-page-1'}
+    assert [t for _, t in relative_links(text)] == ['docs/data.md#x', 'reports/a.png', 'reports/x/README.md', '#a-page-1', 'ref.md'], relative_links(text)
+
+
+def test_relative_links_resolve():
+    "Every relative link of README.md and docs/*.md names an existing file or folder, relative to its page; an anchor into one of these pages names one of its headings."
+    bad = []
+    for page in PAGES:
+        for n, target in relative_links(page.read_text()):
+            path, _, anchor = target.partition('#')
+            dest = (page.parent / path).resolve() if path else page
+            if not dest.exists(): bad.append(f'{page_name(page)} line {n}: {target} (no {dest.relative_to(ROOT) if dest.is_relative_to(ROOT) else dest})')
+            elif anchor and dest in PAGES and anchor not in anchors(dest.read_text()):
+                bad.append(f'{page_name(page)} line {n}: {target} (no heading #{anchor} in {page_name(dest)})')
+    assert not bad, 'links that lead nowhere:\n' + '\n'.join(bad)
 
 
 def test_ci_runs_the_commands_it_covers():
-    "Each README command counted as covered by CI is in .ci/run, and .ci/run runs this test file."
+    "Each command of the pages counted as covered by CI is in .ci/run, and .ci/run runs this test file."
     lines = ci_lines()
     assert any(re.match(r'^\s*python -m pytest -q tests\s*$', l) for l in lines), '.ci/run does not run tests/'
-    covered = [(n, c, ci) for n, c, comment in COMMANDS for kind, ci in [classify(c, comment)] if kind == 'ci']
-    assert covered, 'no README command is covered by .ci/run: the install and test commands are gone from README.md?'
-    for n, c, ci in covered:
-        assert any(re.search(ci, l) for l in lines), f'README.md line {n}: {c!r} is counted as run by CI, but .ci/run has no line /{ci}/'
-    if any(re.fullmatch(r'python benchmarks/step\.py.*', c) for _, c, _ in covered):
+    covered = [(page, n, c, ci) for page, n, c, comment in COMMANDS for kind, ci in [classify(c, comment)] if kind == 'ci']
+    assert any(page == 'README.md' for page, *_ in covered), \
+        'no README command is covered by .ci/run: the install and test commands are gone from README.md?'
+    for page, n, c, ci in covered:
+        assert any(re.search(ci, l) for l in lines), f'{page} line {n}: {c!r} is counted as run by CI, but .ci/run has no line /{ci}/'
+    if any(re.fullmatch(r'python benchmarks/step\.py.*', c) for _, _, c, _ in covered):
         from declip.study import REPORTS
         assert REPORTS['performance']['script'] == 'benchmarks/step.py'
 
 
-@pytest.mark.parametrize('n,cmd,comment', COMMANDS, ids=[f'L{n}:{c[:60]}' for n, c, _ in COMMANDS])
-def test_readme_command(n, cmd, comment, clone):
-    "One README command: marked `(not in CI: ...)`, covered by .ci/run, or run in its smoke form and exiting 0."
+@pytest.mark.parametrize('page,n,cmd,comment', COMMANDS, ids=[f'{page}:L{n}:{c[:60]}' for page, n, c, _ in COMMANDS])
+def test_readme_command(page, n, cmd, comment, clone):
+    "One command of README.md or a docs page: marked `(not in CI: ...)`, covered by .ci/run, or run in its smoke form and exiting 0."
     kind, detail = classify(cmd, comment, clone['root'])
     if kind == 'unknown':
-        pytest.fail(f'README.md line {n}: {cmd!r}: {detail}. Mark it with a trailing `# ... (not in CI: <reason>)`, '
+        pytest.fail(f'{page} line {n}: {cmd!r}: {detail}. Mark it with a trailing `# ... (not in CI: <reason>)`, '
                     f'or teach tests/test_readme.py (SMOKE) to run it')
     if kind == 'marked': pytest.skip(f'not in CI: {detail}')
     if kind == 'ci':
-        assert any(re.search(detail, l) for l in ci_lines()), f'README.md line {n}: {cmd!r} is counted as run by CI, but .ci/run has no line /{detail}/'
+        assert any(re.search(detail, l) for l in ci_lines()), f'{page} line {n}: {cmd!r} is counted as run by CI, but .ci/run has no line /{detail}/'
         return
     run, notes = smoke_form(cmd, clone['root'], clone['env'], clone['fake'], clone['out'])
     p = subprocess.run(['bash', '-c', run], cwd=clone['root'], env=clone['env'], capture_output=True, text=True, timeout=TIMEOUT)
-    assert p.returncode == 0, (f'README.md line {n}: {cmd!r}\nran: {run}\n{"; ".join(notes)}\nexit {p.returncode}\n'
+    assert p.returncode == 0, (f'{page} line {n}: {cmd!r}\nran: {run}\n{"; ".join(notes)}\nexit {p.returncode}\n'
                                f'{p.stdout[-2000:]}\n{p.stderr[-4000:]}')
     for f in expected_outputs(cmd):
-        assert (clone['root'] / f).exists(), f'README.md line {n}: {cmd!r} exited 0 but wrote no {f}'
+        assert (clone['root'] / f).exists(), f'{page} line {n}: {cmd!r} exited 0 but wrote no {f}'

@@ -12,7 +12,7 @@ import torch
 
 from helpers import DECLIP_TRAIN, cpu_env, load_ckpt, run_ok, train_args
 
-RUN = dict(method='clip', train_data='synthetic:size=48', batch_size=8, max_steps=8, save_every=2, log_every=1,
+RUN = dict(method='clip', image_encoder='vit-tiny', train_data='synthetic:size=48', batch_size=8, max_steps=8, save_every=2, log_every=1,
            image_size=32, min_lr=1e-4, seed=5, keep_checkpoints=1)
 
 # The run to be interrupted is declip-train itself, with each optimiser step slowed by a sleep (the learning-rate
@@ -191,7 +191,7 @@ def test_cli_refuses_bad_parameters_before_any_work(workdir):
         'image_encoder': (dict(image_encoder='vit-h14'), ['image_encoder', 'vit-h14']),
         'train_data': (dict(train_data='csv:/nope.csv'), ['/nope.csv']),
         'batch_size': (dict(train_data='synthetic:size=10', batch_size=16), ['batch_size', '16']),
-        'output_dir': (dict(output_dir=taken), ['output_dir', 'resume']),
+        'output_dir': (dict(output_dir=taken, resume=False), ['output_dir', 'resume']),
     }
     procs = {}
     for name, (flags, _) in cases.items():
