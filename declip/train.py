@@ -136,13 +136,13 @@ def _check_output_dir(out: Path):
             raise PermissionError(f"output_dir={str(out)!r}: {str(home)!r} is not writable (read-only or another user's); choose another output_dir")
 
 def _resolve_output(p: dict) -> Path | None:
-    "The checkpoint to resume from; a folder that holds another run is refused unless resuming."
+    "The checkpoint to resume from; a folder that holds a run is refused when `resume` is false."
     out, ckpt = Path(p['output_dir']), Checkpointer(p['output_dir'])
     _check_output_dir(out)
     if int(os.environ.get('RANK', '0')) == 0: RunLock(out).check()     # a folder in use says so first (rank 0 holds it)
     resume_path = ckpt.resume_path(p['resume'])
     if p['resume'] in (None, False, 'false', 'False', '') and ((out / 'config.json').exists() or ckpt.last.exists() or any(ckpt.dir.glob('step_*.pt'))):
-        raise FileExistsError(f"output_dir={str(out)!r} holds another run; pass resume=True to continue it, or choose another output_dir")
+        raise FileExistsError(f"output_dir={str(out)!r} holds a run and resume=False starts new runs only: run it again with resume=auto (its own parameters) or resume=True to continue it, or choose another output_dir")
     return resume_path
 
 # %% ../nbs/09_train.ipynb #7fe33247
