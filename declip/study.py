@@ -561,9 +561,10 @@ def design_power(records: list, pairs: list, metrics: list, split: str = 'test',
 QUEUE_METRICS = ('nn_own', 'nn_same_caption', 'nn_similarity')
 
 def _queue_entries(config: dict) -> int:
-    "A run's queue entries: resolved from a share of the training set, else as given, else the default (65,536)."
+    "A run's queue entries: as the run resolved them (`config.json`'s `resolved.model`: a share of the training set made a count), else as given, else the default (65,536)."
     given = config.get('nn_queue_size')
-    return int((config.get('resolved') or {}).get('nn_queue_size') or (given if given and given >= 1 else ModelConfig.__dataclass_fields__['nn_queue_size'].default))
+    resolved = ((config.get('resolved') or {}).get('model') or {}).get('nn_queue_size')
+    return int(resolved or (given if given and given >= 1 else ModelConfig.__dataclass_fields__['nn_queue_size'].default))
 
 def queue_sources(records: list, label: str = 'label', last: float = 0.5) -> pd.DataFrame:
     "Per run with a nearest-neighbour queue: its entries, and the mean over the last `last` of training of `QUEUE_METRICS` (own caption, same caption, cosine)."
