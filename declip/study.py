@@ -398,11 +398,17 @@ def incomplete_grid_note(missing:list,   # the runs without a record (`run_grid(
 
 def per_item_note(records:list,   # run records (`run_grid(...).attrs['records']`)
                   describe=lambda r: f"{r.get('label') or r['variant']} seed {r['seed']}"):
-    "Markdown naming the runs whose records hold no per-item outputs (recorded before they were kept; '' when none)."
+    "Markdown naming the runs whose records hold no per-item outputs (recorded before they were kept), and those whose test outputs lack sets that other runs have ('' when none)."
     lacking = [r for r in records if not r.get('per_item')]
-    if not lacking: return ''
-    return (f"**{len(lacking)} of {len(records)} runs have no per-item outputs** (recorded before runs kept them: "
-            + '; '.join(map(describe, lacking)) + '); a paired comparison over items leaves them out.')
+    sets = [set((r.get('per_item') or {}).get('test') or {}) for r in records]
+    every = set().union(*sets) if sets else set()
+    short = [(r, sorted(every - s)) for r, s in zip(records, sets) if r.get('per_item') and every - s]
+    notes = [f"**{len(lacking)} of {len(records)} runs have no per-item outputs** (recorded before runs kept them: "
+             + '; '.join(map(describe, lacking)) + '); a paired comparison over items leaves them out.'] if lacking else []
+    if short: notes.append(f"**{len(short)} of {len(records)} runs were not tested on every set the others were** ("
+                           + '; '.join(f"{describe(r)}: {', '.join(m)}" for r, m in short)
+                           + '); a paired comparison on such a set leaves them out.')
+    return ' '.join(notes)
 
 
 # %% ../nbs/11_study.ipynb #b4d2c8d3
@@ -727,10 +733,14 @@ def execute_notebooks(paths:list, dest, progress:bool=True, current=None) -> pd.
     index_file = Path(current or dest) / 'index.json'
     index = json.loads(index_file.read_text()) if index_file.exists() else {}
     todo = stale_notebooks(paths, current) if current is not None else list(map(Path, paths))
-    for p in todo:
-        t0 = time.time()
-        pm.execute_notebook(str(p), str(dest / p.name), cwd=str(p.parent), progress_bar=progress, kernel_name='python3')
-        index[p.name] = dict(commit=commit, date=time.strftime('%Y-%m-%d', time.gmtime()), seconds=round(time.time() - t0, 1))
+    backend = os.environ.pop('MPLBACKEND', None)     # the kernels' own inline backend: with Agg (e.g. CI's) `plt.show()` would show nothing
+    try:
+        for p in todo:
+            t0 = time.time()
+            pm.execute_notebook(str(p), str(dest / p.name), cwd=str(p.parent), progress_bar=progress, kernel_name='python3')
+            index[p.name] = dict(commit=commit, date=time.strftime('%Y-%m-%d', time.gmtime()), seconds=round(time.time() - t0, 1))
+    finally:
+        if backend is not None: os.environ['MPLBACKEND'] = backend
     names = [Path(p).name for p in paths]
     index = {n: index[n] for n in names if n in index}
     table = pd.DataFrame([dict(notebook=f'[{Path(n).stem}]({n})', source=f'`nbs/{n}`', commit=(r['commit'] or '?')[:10], date=r['date'],

@@ -23,6 +23,12 @@ def _run(model, fwd, batch):
     return grads, out['loss'].item(), {k: v.item() for k, v in out['losses'].items()}
 
 
+# Below this a gradient is rounding noise: the five SimSiam biases that feed a batch norm (which removes them) have
+# eager gradients of 4.5e-11 to 8.8e-8, the smallest real one is 2.5e-5 (median 8e-3); compiled and eager noise of
+# projector.0.bias differed by 1.7e-7 on an AMD EPYC (2026-12-07), over the 1e-7 floor of the relative check.
+ZERO_GRAD = 1e-6
+
+
 @pytest.mark.parametrize('method', ['clip', 'declip'])
 def test_compiled_step_equals_eager(method):
     torch.manual_seed(0); torch.set_num_threads(1)
@@ -39,4 +45,6 @@ def test_compiled_step_equals_eager(method):
     for k in terms_e: assert abs(terms_c[k] - terms_e[k]) <= 1e-4 * max(1., abs(terms_e[k])), (k, terms_c[k], terms_e[k])
     for n in g_e:                       # every gradient the same up to rounding, relative to its tensor's scale
         scale = g_e[n].abs().max().item()
+        if scale < ZERO_GRAD:           # analytically zero (a bias right before batch norm): rounding noise in both, of any sign
+            assert g_c[n].abs().max().item() < ZERO_GRAD, (n, g_c[n].abs().max().item(), scale); continue
         assert (g_c[n] - g_e[n]).abs().max().item() <= 1e-3 * scale + 1e-7, (n, (g_c[n] - g_e[n]).abs().max().item(), scale)

@@ -50,16 +50,21 @@ def notebook_defaults(path):
 
 
 def test_train_notebook_cli_and_train_share_their_defaults():
-    "One default per parameter (issue 37): the train notebook's parameters cell, `train()` and `declip-train` agree on every name they share."
+    "One source of the run's parameters (issues 36, 37): `TrainParams`' fields are `train()`'s keywords, `declip-train`'s flags and the train notebook's parameters, with one default each."
     import inspect
-    from declip.train import train, train_parser
+    from dataclasses import fields
+    from declip.train import train, train_parser, TrainParams
+    params = {f.name: f.default for f in fields(TrainParams)}
     nb = notebook_defaults(NBS / 'train.ipynb')
     sig = {k: p.default for k, p in inspect.signature(train).parameters.items() if p.default is not inspect.Parameter.empty}
     cli = vars(train_parser().parse_args([]))
-    shared = sorted(set(nb) & set(sig))
+    assert set(params) <= set(sig) and set(params) <= set(cli), 'a field is missing from train() or declip-train'
+    own = {'overrides', 'nproc', 'smoke'}                    # the notebook's own: switches as a dict, processes, a smoke run
+    assert set(nb) - own <= set(params), f'notebook parameters that are not TrainParams fields: {sorted(set(nb) - own - set(params))}'
+    shared = sorted(set(nb) & set(params))
     assert {'resume', 'image_encoder', 'output_dir', 'eval_every', 'epochs', 'method'} <= set(shared), shared
-    differ = {k: (nb[k], sig[k], cli[k]) for k in shared if not (nb[k] == sig[k] == cli[k])}
-    assert not differ, f'notebook / train() / declip-train defaults differ: {differ}'
+    differ = {k: (nb[k], params[k], sig[k], cli[k]) for k in shared if not (nb[k] == params[k] == sig[k] == cli[k])}
+    assert not differ, f'notebook / TrainParams / train() / declip-train defaults differ: {differ}'
 
 
 def test_papermill_terminal_shows_the_run_and_its_summary(tmp_path):
