@@ -9,7 +9,7 @@ import multiprocessing as mp
 from multiprocessing.context import get_spawning_popen
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
@@ -24,19 +24,39 @@ from .openclipart import OpenClipArt, openclipart_eval_sets
 from .openmoji import openmoji_eval_sets
 
 # %% auto #0
-__all__ = ['DATA_KINDS', 'DATA_SPEC_FORMS', 'VIEW_DEVICES', 'REPLACE_TRIES', 'STOP_SIGNALS', 'HOLDOUT_KINDS', 'HOLDOUT_SHARE',
-           'HOLDOUT_MIN', 'HOLDOUT_MAX', 'HOLDOUT_MIN_IMAGES', 'DataSpec', 'parse_data_spec', 'ClassCaptionData',
+__all__ = ['SOURCES', 'VIEW_DEVICES', 'REPLACE_TRIES', 'STOP_SIGNALS', 'HOLDOUT_SHARE', 'HOLDOUT_MIN', 'HOLDOUT_MAX',
+           'HOLDOUT_MIN_IMAGES', 'Source', 'register_source', 'DataSpec', 'parse_data_spec', 'ClassCaptionData',
            'open_train_data', 'open_eval_data', 'default_eval_data', 'Skipped', 'key_to_index', 'sample_seeds',
            'shuffle_seed', 'draft_jpeg', 'SamplePipeline', 'replacement_indices', 'TrainData', 'TrainStream', 'collate',
            'finish_batch', 'EpochSampler', 'TrainLoader', 'reader_defaults', 'ignore_stop_signals', 'make_train_loader',
            'EvalImages', 'make_eval_loader', 'holdout_size', 'spec_with', 'DataPlan', 'default_data']
 
 # %% ../nbs/04_pipeline.ipynb #3f5abc12
-DATA_KINDS = ('synthetic', 'csv', 'tsv', 'jsonl', 'wds', 'imagefolder', 'openclipart', 'openmoji', 'transfer')
-DATA_SPEC_FORMS = ('synthetic[:k=v,...]', 'csv:PATH[:k=v,...]', 'tsv:PATH[:k=v,...]', 'jsonl:PATH[:ROOT][:k=v,...]',
-                   'wds:PATTERN[:k=v,...]', 'imagefolder:PATH[:k=v,...]', 'openclipart[:ROOT][:k=v,...]',
-                   'openmoji[:ROOT][:k=v,...]', 'transfer[:NAME+NAME...][:k=v,...]')
 _OPTIONS = re.compile(r'[A-Za-z_]\w*=[^,=]*(,[A-Za-z_]\w*=[^,=]*)*')
+
+@dataclass(frozen=True)
+class Source:
+    "One kind of data source: its spec's form, how it opens for training and for evaluation, what its train reader takes from the run, and what a run trained on it evaluates on by default."
+    kind: str
+    form: str                                 # how its spec is written, e.g. 'csv:PATH[:k=v,...]'
+    path: str = 'required'                    # 'none' (options only), 'optional' (a root), 'required', 'root' (a path, then an optional image root)
+    train: Callable | None = None             # (spec, run defaults) -> reader: map-style (image, caption) or a stream; None: refused (`not_train`)
+    eval: Callable | None = None              # (spec, defaults) -> a set or {name: set}; None: refused (`not_eval`)
+    run_values: tuple = ()                    # what the train reader takes from the run (`reader_defaults`): image_size, rank, world_size, epoch, seed
+    own_eval: Callable | None = None          # train spec -> the spec of its own evaluation sets (`default_eval_data`)
+    holdout: bool = False                     # a run without eval_data holds a slice of the pairs out (`default_data`)
+    no_eval: str = 'no evaluation for {kind} training data; give eval_data= to evaluate'   # the note when there is neither
+    not_train: str = '{kind} data is not for training'               # why a source without `train` is refused as training data
+    not_eval: str = '{kind} data is not for evaluation; evaluate on {evaluable}'
+
+SOURCES: dict = {}
+"Every kind of data source by its spec's kind, in the order the error messages list them (`register_source`)."
+
+def register_source(source: Source) -> Source:
+    "Add `source` to `SOURCES` (a kind is registered once)."
+    if source.kind in SOURCES: raise ValueError(f"data source {source.kind!r} is registered already")
+    SOURCES[source.kind] = source
+    return source
 
 @dataclass
 class DataSpec:
@@ -48,7 +68,7 @@ class DataSpec:
     spec: str = ''
 
 def _spec_error(spec, why: str) -> ValueError:
-    return ValueError(f'data spec {spec!r}: {why}; expected one of: ' + ' | '.join(DATA_SPEC_FORMS))
+    return ValueError(f'data spec {spec!r}: {why}; expected one of: ' + ' | '.join(s.form for s in SOURCES.values()))
 
 def parse_data_spec(spec: str | DataSpec) -> DataSpec:
     "Parse a data-spec string ('synthetic:size=5000', 'csv:train.csv', 'wds:shards/{0..9}.tar:num_samples=1000', ...)."
@@ -57,7 +77,8 @@ def parse_data_spec(spec: str | DataSpec) -> DataSpec:
     text = spec.strip()
     kind, _, rest = text.partition(':')
     kind = kind.strip().lower()
-    if kind not in DATA_KINDS: raise _spec_error(spec, f'unknown kind {kind!r}')
+    if kind not in SOURCES: raise _spec_error(spec, f'unknown kind {kind!r}')
+    shape = SOURCES[kind].path
     parts = rest.split(':') if rest else []
     options = {}
     if parts and _OPTIONS.fullmatch(parts[-1].strip()):
@@ -65,16 +86,16 @@ def parse_data_spec(spec: str | DataSpec) -> DataSpec:
             k, v = pair.split('=', 1)
             if k in options: raise _spec_error(spec, f'option {k!r} given twice')
             options[k] = v
-    if kind == 'synthetic':
-        if any(p.strip() for p in parts): raise _spec_error(spec, f'synthetic takes only k=v options, got {":".join(parts)!r}')
+    if shape == 'none':
+        if any(p.strip() for p in parts): raise _spec_error(spec, f'{kind} takes only k=v options, got {":".join(parts)!r}')
         return DataSpec(kind, options=options, spec=text)
-    if kind in ('openclipart', 'openmoji', 'transfer'): return DataSpec(kind, ':'.join(parts).strip() or None, options=options, spec=text)
+    if shape == 'optional': return DataSpec(kind, ':'.join(parts).strip() or None, options=options, spec=text)
     root = None
-    if kind == 'jsonl' and len(parts) >= 2: root = parts.pop()
+    if shape == 'root' and len(parts) >= 2: root = parts.pop()
     path = ':'.join(parts)                     # a wds pattern may join patterns with '::'
     if not path.strip():
         raise _spec_error(spec, f'{kind} needs a path' + (' (an options part k=v,... was read as options)' if options else ''))
-    if kind == 'jsonl' and 'root' in options:
+    if shape == 'root' and 'root' in options:
         if root is not None: raise _spec_error(spec, 'root given both as :ROOT and as root=')
         root = options.pop('root')
     return DataSpec(kind, path, root, options, text)
@@ -128,30 +149,29 @@ class ClassCaptionData(Dataset):
     def __repr__(self): return f'captions {self.template!r} over {self.dataset!r}'
 
 # %% ../nbs/04_pipeline.ipynb #39c6349c
-_TRANSFER_ONLY_PROBE = ('data spec {spec!r}: the transfer suite holds linear-probe sets (a train and a test part each); '
-                        'give it as probe data (--probe_data transfer, evaluate(..., probe_data=...)), not as training or zero-shot data')
-
-def open_train_data(spec: str | DataSpec, **defaults) -> Dataset | IterableDataset:
-    "The train reader a spec names: map-style `(image, caption)` or, for wds, a stream of `(key, image | BadSample, caption)`."
-    spec = parse_data_spec(spec)
-    if spec.kind == 'synthetic':
-        return _call_with_options(SyntheticImageText, spec, spec.options, defaults,
-                                  also_known=inspect.signature(synthetic_eval_sets).parameters)
-    if spec.kind == 'wds':
-        _require_shards(spec)
-        return _call_with_options(WebDatasetImageText, spec, spec.options, {'pattern': spec.path, 'lazy_jpeg': True, **defaults},
-                                  reserved=('pattern', 'rank', 'world_size', 'epoch'))
-    if spec.kind == 'openclipart':
-        return _call_with_options(OpenClipArt, spec, spec.options, {'root': spec.path}, reserved=('root',),
-                                  also_known=inspect.signature(openclipart_eval_sets).parameters)
-    if spec.kind == 'transfer': raise ValueError(_TRANSFER_ONLY_PROBE.format(spec=spec.spec))
-    if spec.kind == 'openmoji':
-        raise ValueError(f'data spec {spec.spec!r}: openmoji is evaluation-only, an out-of-distribution test set that is never trained on; '
-                         'train on another source and give it as eval data (--eval_data openmoji)')
-    if spec.kind == 'imagefolder':
-        _require(spec.path, 'image folder', spec, folder=True)
-        return ClassCaptionData(_call_with_options(image_folder, spec, spec.options, {'path': spec.path}, reserved=('path',)))
-    return _open_pairs(spec, 'train', lazy_jpeg=True)      # JPEGs decoded by the pipeline, at the scale its crops need
+def _synthetic_train(spec, d):
+    return _call_with_options(SyntheticImageText, spec, spec.options, d, also_known=inspect.signature(synthetic_eval_sets).parameters)
+def _synthetic_eval(spec, d):
+    return _call_with_options(synthetic_eval_sets, spec, spec.options, d, also_known=inspect.signature(SyntheticImageText).parameters)
+def _wds_train(spec, d):
+    _require_shards(spec)
+    return _call_with_options(WebDatasetImageText, spec, spec.options, {'pattern': spec.path, 'lazy_jpeg': True, **d},
+                              reserved=('pattern', 'rank', 'world_size', 'epoch'))
+def _folder(spec, d):
+    _require(spec.path, 'image folder', spec, folder=True)
+    return _call_with_options(image_folder, spec, spec.options, {'path': spec.path}, reserved=('path',))
+def _openclipart_train(spec, d):
+    return _call_with_options(OpenClipArt, spec, spec.options, {'root': spec.path}, reserved=('root',),
+                              also_known=inspect.signature(openclipart_eval_sets).parameters)
+def _openclipart_eval(spec, d):
+    return _call_with_options(openclipart_eval_sets, spec, spec.options, {'root': spec.path, **d}, reserved=('root',),
+                              also_known=inspect.signature(OpenClipArt).parameters)
+def _openclipart_val(spec) -> str:
+    "Open Clip Art's validation split of the same root, cache, picture size and layout."
+    options = {'split': 'val'} | {k: v for k, v in spec.options.items() if k in ('cache', 'max_side', 'layout')}
+    return ':'.join(['openclipart'] + ([spec.path] if spec.path else []) + [','.join(f'{k}={v}' for k, v in options.items())])
+def _openmoji_eval(spec, d):
+    return _call_with_options(openmoji_eval_sets, spec, spec.options, {'root': spec.path, **d}, reserved=('root',))
 
 _SPLIT_OPTIONS = ('holdout', 'split')
 
@@ -172,32 +192,51 @@ def _open_pairs(spec: DataSpec, side: str, lazy_jpeg: bool = False) -> Dataset:
     try: return HeldOutSplit(reader, _parse_value(spec.options['holdout']), spec.options.get('split', side))
     except ValueError as e: raise ValueError(f'data spec {spec.spec!r}: {e}') from None
 
+_pairs_train = lambda spec, d: _open_pairs(spec, 'train', lazy_jpeg=True)      # JPEGs decoded by the pipeline, at the scale its crops need
+_pairs_eval = lambda spec, d: _open_pairs(spec, 'holdout').to_retrieval_set()
+_PROBE_ONLY = ('the transfer suite holds linear-probe sets (a train and a test part each); give it as probe data '
+               '(--probe_data transfer, evaluate(..., probe_data=...)), not as {} data')
+
+for _s in [
+    Source('synthetic', 'synthetic[:k=v,...]', 'none', _synthetic_train, _synthetic_eval, ('image_size',), own_eval=lambda spec: 'synthetic'),
+    Source('csv', 'csv:PATH[:k=v,...]', train=_pairs_train, eval=_pairs_eval, holdout=True),
+    Source('tsv', 'tsv:PATH[:k=v,...]', train=_pairs_train, eval=_pairs_eval, holdout=True),
+    Source('jsonl', 'jsonl:PATH[:ROOT][:k=v,...]', 'root', _pairs_train, _pairs_eval, holdout=True),
+    Source('wds', 'wds:PATTERN[:k=v,...]', train=_wds_train, run_values=('rank', 'world_size', 'epoch', 'seed'),
+           no_eval='no evaluation: a webdataset stream gets no held-out slice; give eval_data= to evaluate',
+           not_eval='wds sources are train-only; evaluate on {evaluable}'),
+    Source('imagefolder', 'imagefolder:PATH[:k=v,...]', train=lambda spec, d: ClassCaptionData(_folder(spec, d)), eval=_folder),
+    Source('openclipart', 'openclipart[:ROOT][:k=v,...]', 'optional', _openclipart_train, _openclipart_eval, own_eval=_openclipart_val),
+    Source('openmoji', 'openmoji[:ROOT][:k=v,...]', 'optional', eval=_openmoji_eval,
+           not_train='openmoji is evaluation-only, an out-of-distribution test set that is never trained on; '
+                     'train on another source and give it as eval data (--eval_data openmoji)'),
+    Source('transfer', 'transfer[:NAME+NAME...][:k=v,...]', 'optional', not_train=_PROBE_ONLY.format('training'),
+           not_eval=_PROBE_ONLY.format('zero-shot'))]: register_source(_s)
+
+def _source(spec: DataSpec, side: str) -> Callable:
+    "The opener of `side` ('train' or 'eval') of the spec's source; a source that cannot be used so is refused, saying why."
+    s = SOURCES[spec.kind]
+    if getattr(s, side) is None:
+        evaluable = ', '.join(k for k, v in SOURCES.items() if v.eval)
+        raise ValueError(f'data spec {spec.spec!r}: ' + getattr(s, f'not_{side}').format(kind=spec.kind, evaluable=evaluable))
+    return getattr(s, side)
+
+def open_train_data(spec: str | DataSpec, **defaults) -> Dataset | IterableDataset:
+    "The train reader a spec names: map-style `(image, caption)` or, for wds, a stream of `(key, image | BadSample, caption)`."
+    spec = parse_data_spec(spec)
+    return _source(spec, 'train')(spec, defaults)
+
 def open_eval_data(spec: str | DataSpec, **defaults) -> ClassificationSet | RetrievalSet | dict:
     "The evaluation set(s) a spec names: synthetic, openclipart, openmoji -> dict of sets; imagefolder -> ClassificationSet; csv/tsv/jsonl -> RetrievalSet."
     spec = parse_data_spec(spec)
-    if spec.kind == 'synthetic':
-        return _call_with_options(synthetic_eval_sets, spec, spec.options, defaults,
-                                  also_known=inspect.signature(SyntheticImageText).parameters)
-    if spec.kind == 'openclipart':
-        return _call_with_options(openclipart_eval_sets, spec, spec.options, {'root': spec.path, **defaults}, reserved=('root',),
-                                  also_known=inspect.signature(OpenClipArt).parameters)
-    if spec.kind == 'transfer': raise ValueError(_TRANSFER_ONLY_PROBE.format(spec=spec.spec))
-    if spec.kind == 'openmoji':
-        return _call_with_options(openmoji_eval_sets, spec, spec.options, {'root': spec.path, **defaults}, reserved=('root',))
-    if spec.kind == 'wds': raise ValueError(f'data spec {spec.spec!r}: wds sources are train-only; evaluate on csv, tsv, jsonl, imagefolder, synthetic, openclipart or openmoji')
-    if spec.kind == 'imagefolder':
-        _require(spec.path, 'image folder', spec, folder=True)
-        return _call_with_options(image_folder, spec, spec.options, {'path': spec.path}, reserved=('path',))
-    return _open_pairs(spec, 'holdout').to_retrieval_set()
+    return _source(spec, 'eval')(spec, defaults)
 
 # %% ../nbs/04_pipeline.ipynb #59fa3a65
 def default_eval_data(train_data: str | DataSpec) -> str:
     "The eval spec that goes with a training spec: 'synthetic', 'openclipart[:ROOT]:split=val[,...]', or '' (none)."
     spec = parse_data_spec(train_data)
-    if spec.kind == 'synthetic': return 'synthetic'
-    if spec.kind != 'openclipart': return ''
-    options = {'split': 'val'} | {k: v for k, v in spec.options.items() if k in ('cache', 'max_side', 'layout')}
-    return ':'.join(['openclipart'] + ([spec.path] if spec.path else []) + [','.join(f'{k}={v}' for k, v in options.items())])
+    own = SOURCES[spec.kind].own_eval
+    return own(spec) if own else ''
 
 # %% ../nbs/04_pipeline.ipynb #6dc38b4c
 class Skipped(NamedTuple):
@@ -496,10 +535,9 @@ def _check_int_arg(name, value, low):
         raise ValueError(f'{name} must be an integer >= {low}, got {value!r}')
 
 def reader_defaults(spec, image_size: int, rank: int = 0, world_size: int = 1, epoch: int = 0, seed: int = 0) -> dict:
-    "What a training reader takes from the run: the image size of synthetic data, the shard split and seed of wds."
-    kind = parse_data_spec(spec).kind
-    if kind == 'synthetic': return dict(image_size=image_size)
-    return dict(rank=rank, world_size=world_size, epoch=epoch, seed=seed) if kind == 'wds' else {}
+    "What a training reader takes from the run (its source's `run_values`): the image size of synthetic data, the shard split and seed of wds."
+    values = dict(image_size=image_size, rank=rank, world_size=world_size, epoch=epoch, seed=seed)
+    return {k: values[k] for k in SOURCES[parse_data_spec(spec).kind].run_values}
 
 STOP_SIGNALS = tuple(getattr(signal, n) for n in ('SIGINT', 'SIGTERM', 'SIGUSR1') if hasattr(signal, n))   # what stops a run at a step
 
@@ -508,13 +546,11 @@ def ignore_stop_signals(worker_id: int = 0):
     for s in STOP_SIGNALS:
         if s != signal.SIGTERM: signal.signal(s, signal.SIG_IGN)
 
-def make_train_loader(spec: str | DataSpec | Dataset | IterableDataset, batch_size: int, image_views=('mocov2', 'mocov2'), image_size: int = 64,
-                      text_aug: bool = True, mlm: bool = True, context_length: int = 77, workers: int = 0, seed: int = 0,
-                      epoch: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = True, start_batch: int = 0,
-                      shuffle: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD, mlm_prob: float = 0.15,
-                      pin_memory: bool | None = None, prefetch_factor: int | None = None, eda: EDA | None = None,
-                      replace_bad: bool = True, view_device: str = 'worker', decode_device: str = 'worker') -> TrainLoader:
-    "A train `DataLoader` over the source `spec` (or a reader it opened), yielding the batch dicts of `collate`; deterministic for any `workers`."
+def make_train_loader(spec: str | DataSpec | Dataset | IterableDataset, batch_size: int, *, workers: int = 0, seed: int = 0,
+                      epoch: int = 0, rank: int = 0, world_size: int = 1, start_batch: int = 0, drop_last: bool = True,
+                      shuffle: bool = True, replace_bad: bool = True, pin_memory: bool | None = None,
+                      prefetch_factor: int | None = None, **pipeline) -> TrainLoader:
+    "A train `DataLoader` over the source `spec` (or a reader it opened), yielding the batch dicts of `collate`; deterministic for any `workers`. `pipeline`: `SamplePipeline`'s options (image_views, image_size, text_aug, mlm, context_length, mlm_prob, view_device, ...), seeded with `seed`."
     for name, v, low in (('batch_size', batch_size, 1), ('workers', workers, 0), ('seed', seed, 0), ('epoch', epoch, 0),
                          ('world_size', world_size, 1), ('start_batch', start_batch, 0)):
         _check_int_arg(name, v, low)
@@ -524,9 +560,9 @@ def make_train_loader(spec: str | DataSpec | Dataset | IterableDataset, batch_si
         if isinstance(reader, IterableDataset): reader.set_epoch(epoch)
     else:
         spec = parse_data_spec(spec)
-        reader, name = open_train_data(spec, **reader_defaults(spec, image_size, rank, world_size, epoch, seed)), spec.spec
-    pipeline = SamplePipeline(image_views, image_size, text_aug, mlm, context_length, seed, mean, std, mlm_prob, eda, view_device=view_device,
-                              decode_device=decode_device)
+        size = pipeline.get('image_size', inspect.signature(SamplePipeline).parameters['image_size'].default)
+        reader, name = open_train_data(spec, **reader_defaults(spec, size, rank, world_size, epoch, seed)), spec.spec
+    pipeline = SamplePipeline(seed=seed, **pipeline)
     loader_args = dict(batch_size=batch_size, drop_last=drop_last, num_workers=workers, collate_fn=collate,
                        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
                        prefetch_factor=prefetch_factor if workers > 0 else None, worker_init_fn=ignore_stop_signals if workers > 0 else None,
@@ -566,7 +602,6 @@ def make_eval_loader(dataset: ClassificationSet | RetrievalSet, image_size: int,
                       num_workers=workers, pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory)
 
 # %% ../nbs/04_pipeline.ipynb #c86f3193
-HOLDOUT_KINDS = ('csv', 'tsv', 'jsonl')
 HOLDOUT_SHARE, HOLDOUT_MIN, HOLDOUT_MAX, HOLDOUT_MIN_IMAGES = 0.02, 16, 1000, 100
 
 def holdout_size(images: int) -> int:
@@ -591,11 +626,9 @@ def default_data(train_data: str | DataSpec, eval_data: str | None = None) -> Da
     "The training and evaluation specs of a run: `eval_data` as given, else the data's own sets or, for csv/tsv/jsonl pairs, a held-out slice of them."
     spec = parse_data_spec(train_data)
     if eval_data is not None: return DataPlan(spec.spec, eval_data)
-    if spec.kind == 'wds':
-        return DataPlan(spec.spec, '', 'no evaluation: a webdataset stream gets no held-out slice; give eval_data= to evaluate')
-    if spec.kind not in HOLDOUT_KINDS:
+    if not SOURCES[spec.kind].holdout:                   # its own sets (synthetic, Open Clip Art), or none
         found = default_eval_data(spec)
-        return DataPlan(spec.spec, found, '' if found else f'no evaluation for {spec.kind} training data; give eval_data= to evaluate')
+        return DataPlan(spec.spec, found, '' if found else SOURCES[spec.kind].no_eval.format(kind=spec.kind))
     if re.search(r'\s', spec.spec):
         return DataPlan(spec.spec, '', f'no held-out slice and no evaluation: the path of {spec.spec!r} holds white space, which eval_data cannot name')
     if 'holdout' in spec.options:                         # the user's own holdout: evaluate on its held-out side

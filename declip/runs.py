@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from .device import world_info, rng_state, set_rng_state
+from .losses import canonical_terms
 
 # %% ../nbs/06a_runs.ipynb #e521eb52
 _HOST = re.sub(r'[^A-Za-z0-9.-]', '-', socket.gethostname()) or 'host'
@@ -284,9 +285,9 @@ class MetricsLog:
 
 # %% ../nbs/06a_runs.ipynb #1e53f428
 def read_metrics(output_dir):
-    "The records of a run's metrics.jsonl as (train, eval) pandas DataFrames."
+    "The records of a run's metrics.jsonl as (train, eval) pandas DataFrames; losses under their terms' names (an older log's too: `losses.canonical_terms`)."
     import pandas as pd
-    recs = [r for _, r in _records(Path(output_dir) / 'metrics.jsonl')]
+    recs = [canonical_terms(r, 'loss_') for _, r in _records(Path(output_dir) / 'metrics.jsonl')]
     tr = pd.DataFrame([r for r in recs if r.get('type') == 'train'])
     ev = pd.DataFrame([r for r in recs if r.get('type') == 'eval'])
     return tr, ev

@@ -12,6 +12,7 @@ import numpy as np, pandas as pd
 from fastcore.script import call_parse, Param, store_true
 
 from .models import METHODS, ALIASES, ModelConfig
+from .losses import canonical_terms
 from .pipeline import parse_data_spec, open_train_data, default_eval_data
 from .evaluation import split_named_entry
 from .runs import markdown_table, provenance, read_metrics, RunLock, RunDirLocked, git_commit, export_weights
@@ -22,7 +23,7 @@ __all__ = ['ABLATION_VARIANTS', 'VARIANT_GROUPS', 'KEY_NAMES', 'FINAL_WEIGHTS', 
            'test_split_spec', 'study_run', 'uses_queue', 'run_cost', 'run_key', 'subset_sizes', 'subset_spec',
            'test_checkpoints', 'train_and_test', 'run_record', 'write_record', 'read_record', 'complete_test',
            'run_grid', 'record_row', 'incomplete_grid_note', 'per_item_note', 'cut_grid_note', 'mean_std', 'difference',
-           'compare', 'paired_interval', 'holm', 'verdict', 'detectable_difference', 'item_outcomes',
+           'compare', 'paired_interval', 'holm', 'verdict', 'detectable_difference', 'variance_parts', 'item_outcomes',
            'paired_comparisons', 'design_power', 'queue_sources', 'budget_check', 'learning_curves', 'mean_curve',
            'budget_rule', 'compute_ratio', 'equal_compute', 'best_final_table', 'plot_learning_curves', 'saving_factor',
            'notebook_sources', 'stale_notebooks', 'execute_notebooks', 'default_runs_dir', 'ReportFailed', 'regenerate',
@@ -285,6 +286,7 @@ def read_record(folder, key:str) -> dict|None:
         warnings.warn(f"{p}: not the record of run {key} (a {type(rec).__name__}" + (f" of run {rec.get('key')}" if isinstance(rec, dict) else '')
                       + "); the run counts as missing", stacklevel=2)
         return None
+    if isinstance(rec.get('train'), dict): rec['train'] = canonical_terms(rec['train'], 'loss_')   # losses under their terms' names
     return rec
 
 # %% ../nbs/11_study.ipynb #c025c8de
@@ -398,11 +400,13 @@ def incomplete_grid_note(missing:list,   # the runs without a record (`run_grid(
 
 def per_item_note(records:list,   # run records (`run_grid(...).attrs['records']`)
                   describe=lambda r: f"{r.get('label') or r['variant']} seed {r['seed']}"):
-    "Markdown naming the runs whose records hold no per-item outputs (recorded before they were kept), and those whose test outputs lack sets that other runs have ('' when none)."
+    "Markdown naming the runs whose records hold no per-item outputs (recorded before they were kept), and those whose test outputs lack sets that runs asked for the same sets have ('' when none)."
     lacking = [r for r in records if not r.get('per_item')]
+    asked = lambda r: tuple(r.get(k) for k in ('test_data', 'ood_data', 'probe_data'))   # a run is measured against runs of its own sets
     sets = [set((r.get('per_item') or {}).get('test') or {}) for r in records]
-    every = set().union(*sets) if sets else set()
-    short = [(r, sorted(every - s)) for r, s in zip(records, sets) if r.get('per_item') and every - s]
+    every = {}
+    for r, s in zip(records, sets): every[asked(r)] = every.get(asked(r), set()) | s
+    short = [(r, sorted(every[asked(r)] - s)) for r, s in zip(records, sets) if r.get('per_item') and every[asked(r)] - s]
     notes = [f"**{len(lacking)} of {len(records)} runs have no per-item outputs** (recorded before runs kept them: "
              + '; '.join(map(describe, lacking)) + '); a paired comparison over items leaves them out.'] if lacking else []
     if short: notes.append(f"**{len(short)} of {len(records)} runs were not tested on every set the others were** ("
@@ -487,11 +491,24 @@ def verdict(low: float, high: float, margin: float, p_adjusted: float | None = N
     if excludes: return 'higher' if low > 0 else 'lower'
     return 'equivalent' if -margin < low and high < margin else 'cannot tell'
 
-def detectable_difference(seed_sd: float, item_sd: float, seeds: int, items: int, power: float = .8, alpha: float = .05) -> float:
-    "The smallest difference a design (`seeds` per variant, `items` paired items) detects with `power`: (z_{1-alpha/2} + z_power) x its standard error."
+def detectable_difference(seed_sd: float, item_sd: float, seeds: int, items: int, power: float = .8, alpha: float = .05,
+                          noise_sd: float = 0.) -> float:
+    "The smallest difference a design (`seeds` per variant, `items` paired items) detects with `power`: (z_{1-alpha/2} + z_power) x the standard error of `paired_interval`'s difference."
     from statistics import NormalDist
-    se = np.sqrt(2 * seed_sd ** 2 / seeds + item_sd ** 2 / items)
+    se = np.sqrt(2 * seed_sd ** 2 / seeds + (item_sd ** 2 + 2 * noise_sd ** 2 / seeds) / items)
     return float((NormalDist().inv_cdf(1 - alpha / 2) + NormalDist().inv_cdf(power)) * se)
+
+def variance_parts(a, b) -> dict:
+    "The three spreads of a paired design from `[seeds, items]` outcomes of two variants: seed_sd (of a run's mean), noise_sd (of one item between runs of a variant: needs >= 2 runs of one), item_sd (of the per-item difference beyond that noise)."
+    a, b = (np.atleast_2d(np.asarray(x, dtype=float)) for x in (a, b))
+    many = [x for x in (a, b) if len(x) >= 2]
+    seed_sd = float(np.sqrt(np.mean([x.mean(1).var(ddof=1) for x in many]))) if many else np.nan
+    resid = [x - x.mean(1, keepdims=True) - x.mean(0, keepdims=True) + x.mean() for x in many]   # run x item, after run and item effects
+    df = sum((len(x) - 1) * (x.shape[1] - 1) for x in many)
+    noise = float(sum((r ** 2).sum() for r in resid) / df) if many and df else np.nan
+    d = b.mean(0) - a.mean(0)
+    item_var = d.var(ddof=1) - (0. if np.isnan(noise) else noise * (1 / len(a) + 1 / len(b)))
+    return dict(seed_sd=seed_sd, noise_sd=float(np.sqrt(noise)) if not np.isnan(noise) else np.nan, item_sd=float(np.sqrt(max(item_var, 0.))))
 
 # %% ../nbs/11_study.ipynb #cf3f336d
 def _outcome(items: dict, metric: str) -> tuple[list, list]:
@@ -544,7 +561,7 @@ def paired_comparisons(records: list, pairs: list, margins: dict, split: str = '
 
 def design_power(records: list, pairs: list, metrics: list, split: str = 'test', label: str = 'label',
                  seed_sd: dict | None = None, seeds=(3, 5)) -> pd.DataFrame:
-    "Per pair x metric: items, the per-item SD of the paired difference, the seed SD (runs' means, pooled over variants with >= 2 runs; else `seed_sd[metric]`), and the smallest difference detectable (80 % power, 5 % level) at each number of `seeds`."
+    "Per pair x metric: items, the spreads of `variance_parts` (seed and run x item noise measured where a variant has >= 2 runs, else the seed SD `seed_sd[metric]` and the noise left inside item_sd), and the smallest difference detectable (80 % power, 5 % level) at each number of `seeds` and with unlimited seeds (the items' floor)."
     by, rows = _by_label(records, label), []
     for ref, v in pairs:
         a, b = ([r for r in by.get(x, []) if r.get('per_item')] for x in (ref, v))
@@ -554,13 +571,14 @@ def design_power(records: list, pairs: list, metrics: list, split: str = 'test',
             except KeyError: continue
             if len(ids) < 2: continue
             A, B = out[:len(a)], out[len(a):]
-            item_sd = float((B.mean(0) - A.mean(0)).std(ddof=1))
-            spread = [x.mean(1) for x in (A, B) if len(x) >= 2]
-            if spread:
-                sd, source = float(np.sqrt(np.mean([s.var(ddof=1) for s in spread]))), f'{sum(map(len, spread))} runs'
-            else: sd, source = (float((seed_sd or {}).get(metric, np.nan)), 'given' if (seed_sd or {}).get(metric) is not None else 'unknown')
-            row = dict(reference=ref, variant=v, metric=metric, items=len(ids), item_sd=item_sd, seed_sd=sd, seed_sd_from=source)
-            row.update({f'detectable at {s} seeds': detectable_difference(sd, item_sd, s, len(ids)) if not np.isnan(sd) else np.nan for s in seeds})
+            vp = variance_parts(A, B)
+            many = sum(len(x) for x in (A, B) if len(x) >= 2)
+            sd, source = ((vp['seed_sd'], f'{many} runs') if many else
+                          (float((seed_sd or {}).get(metric, np.nan)), 'given' if (seed_sd or {}).get(metric) is not None else 'unknown'))
+            noise = 0. if np.isnan(vp['noise_sd']) else vp['noise_sd']      # unmeasured: inside item_sd (counted as if no seed averaged it)
+            row = dict(reference=ref, variant=v, metric=metric, items=len(ids), item_sd=vp['item_sd'], noise_sd=vp['noise_sd'], seed_sd=sd, seed_sd_from=source)
+            row.update({f'detectable at {s} seeds': detectable_difference(sd, vp['item_sd'], s, len(ids), noise_sd=noise) if not np.isnan(sd) else np.nan for s in seeds})
+            row['detectable at unlimited seeds'] = detectable_difference(0., vp['item_sd'], 1, len(ids))
             rows.append(row)
     return pd.DataFrame(rows)
 

@@ -20,8 +20,9 @@ import torch
 from fastcore.basics import patch
 from fastcore.script import bool_arg
 from .models import DeCLIP, ModelConfig, METHODS, SWITCHES, ALIASES, canonical_switches, model_config
+from .losses import canonical_terms
 from .encoders import IMAGE_ENCODERS, TEXT_ENCODERS
-from .pipeline import parse_data_spec, open_train_data, make_train_loader, default_data, reader_defaults, SamplePipeline, VIEW_DEVICES, finish_batch, STOP_SIGNALS
+from .pipeline import DataSpec, parse_data_spec, open_train_data, make_train_loader, default_data, reader_defaults, SamplePipeline, VIEW_DEVICES, finish_batch, STOP_SIGNALS
 from .device import (PRECISIONS, setup_distributed, leave_distributed, seed_all, to_device, equal_batches, unwrap,
                            sum_counts_over_ranks, mean_over_ranks, threading_main, peak_memory_mb, autocast)
 from .runs import (Checkpointer, MetricsLog, RunLock, CHECKPOINT_KEYS, environment_info, plot_run,
@@ -193,12 +194,11 @@ def _resolve_output(p: TrainParams) -> Path | None:
     return resume_path
 
 # %% ../nbs/09_train.ipynb #7fe33247
-def _open_train_data(p: TrainParams, image_size: int):
-    "(reader, number of samples or None) of the training data; a global batch larger than the data is refused."
-    spec = parse_data_spec(p.train_data)
+def _open_train_data(spec: DataSpec, p: TrainParams, image_size: int):
+    "(reader, number of samples or None) of the training data `spec` (`p.train_data`, parsed); a global batch larger than the data is refused."
     world, rank = int(os.environ.get('WORLD_SIZE', '1')), int(os.environ.get('RANK', '0'))
     reader = open_train_data(spec, **reader_defaults(spec, image_size, rank, world, 0, p.seed))                 # a spec that points nowhere fails here
-    n = getattr(reader, 'num_samples', None) if spec.kind == 'wds' else len(reader)   # a stream: all ranks' samples
+    n = getattr(reader, 'num_samples', None) if isinstance(reader, torch.utils.data.IterableDataset) else len(reader)   # a stream: all ranks' samples
     if n is None and p.max_steps is None:
         raise ValueError(f"train_data={p.train_data!r} has no known sample count: add num_samples= to the spec "
                          f"(e.g. 'wds:shards/{{00000..00009}}.tar:num_samples=10000'), put a sizes.json next to the shards, or give max_steps")
@@ -234,11 +234,13 @@ def config_changes(saved: dict, params: dict) -> dict:
 
 def _listed(changes: dict) -> str: return '; '.join(f"{k}={a!r} there, {b!r} here" for k, (a, b) in changes.items())
 
-def _check_resume(path: Path | None, mcfg: ModelConfig, params: TrainParams, n: int | None = None, switches: dict | None = None) -> dict | None:
-    "What resuming from `path` means ({step, total, changes, own}); refused in one line when the model settings or data order differ, or (the run folder's own checkpoint) when the run differs from this command beyond what `resume` allows."
+def _check_resume(path: Path | None, run: 'RunConfig') -> dict | None:
+    "What resuming `run` from `path` means ({step, total, changes, own}); refused in one line when the model settings or data order differ, or (the run folder's own checkpoint) when the run differs from this command beyond what `resume` allows."
     if path is None: return None
+    mcfg, params, n = run.model, run.params, run.train_samples
     ck = load_checkpoint_file(path, keys=CHECKPOINT_KEYS); cfg = ck['config']
     saved = cfg.get('resolved', {}).get('model', {})
+    if isinstance(saved.get('weights'), dict): saved = dict(saved, weights=canonical_terms(saved['weights']))   # written under older term names
     now = json.loads(json.dumps(asdict(mcfg), default=str))
     differ = [f"{k}={saved[k]!r} there, {now[k]!r} here" for k in now if k in saved and saved[k] != now[k]]
     if differ: raise ValueError(f"resume: {str(path)!r} was made with other model settings ({'; '.join(differ)}); resume with the same settings or start a new output_dir")
@@ -248,7 +250,7 @@ def _check_resume(path: Path | None, mcfg: ModelConfig, params: TrainParams, n: 
     differ += [f"global batch {was[0]} there, {was[1]} here ({world} process(es))"] if was[0] is not None and was[0] != was[1] and not differ else []
     if differ: raise ValueError(f"resume: {str(path)!r} was trained with another data order ({'; '.join(differ)}): its remaining steps would not "
                                 "be the run's; resume with the same settings or start a new output_dir")
-    changes, step = config_changes(cfg, asdict(params) | (switches or {})), int(ck['step'])
+    changes, step = config_changes(cfg, run.values), int(ck['step'])
     total = total_steps(n, params.batch_size, world, params.accum_steps, params.epochs, params.max_steps)[1]
     own = Path(path).resolve().parent == (Path(params.output_dir) / 'checkpoints').resolve()
     if own:                                       # the folder's own run: continued only as the run it is (`resume=True`: its length may change)
@@ -281,23 +283,24 @@ def resolve_run(params: TrainParams, switches: dict) -> RunConfig:
                         **({'image_size': params.image_size} if params.image_size else {}), **given)
     recipe = _resolve_recipe(params)
     image_size = _check_model(mcfg, params)
-    parse_data_spec(params.train_data)
-    if params.eval_data is not None: parse_eval_data(params.eval_data)    # the form, before any data is read
+    spec = parse_data_spec(params.train_data)                              # parsed once; checked for its form before any data is read
+    if params.eval_data is not None: parse_eval_data(params.eval_data)
     resume_path = _resolve_output(params)
-    plan = default_data(params.train_data, params.eval_data)             # e.g. a held-out slice of the user's pairs
+    plan = default_data(spec, params.eval_data)                           # e.g. a held-out slice of the user's pairs
     data_plan = dict(given=dict(train_data=params.train_data, eval_data=params.eval_data), note=plan.note)
     params = replace(params, train_data=plan.train_data, eval_data=plan.eval_data)
     evals = parse_eval_data(params.eval_data)
-    reader, n = _open_train_data(params, image_size)
+    if plan.train_data != spec.spec: spec = parse_data_spec(plan.train_data)   # the plan named a side of a holdout
+    reader, n = _open_train_data(spec, params, image_size)
     if fraction is not None:
         if n is None: raise ValueError(f"nn_queue_size={fraction}: a fraction of the training set needs its size; {params.train_data!r} has none known")
         mcfg = replace(mcfg, nn_queue_size=max(1, round(fraction * n)))
-    resume_info = _check_resume(resume_path, mcfg, params, n)
-    eval_sets = open_eval_sets(evals, image_size)              # a set that cannot be opened fails here
-    probe_sets = open_probe_sets(params.probe_data, image_size) if params.probe_data else {}   # so does a probe set
     all_switches = {k: None for k in SWITCHES} | canonical_switches(switches)
-    return RunConfig(params, all_switches, mcfg, recipe, Path(params.output_dir), resume_path, reader, n, eval_sets, data_plan, probe_sets,
-                     resume_info)
+    run = RunConfig(params, all_switches, mcfg, recipe, Path(params.output_dir), resume_path, reader, n, {}, data_plan)
+    run.resume_info = _check_resume(resume_path, run)
+    run.eval_sets = open_eval_sets(evals, image_size)          # a set that cannot be opened fails here
+    run.probe_sets = open_probe_sets(params.probe_data, image_size) if params.probe_data else {}   # so does a probe set
+    return run
 
 # %% ../nbs/09_train.ipynb #93b8654f
 class TrainingError(RuntimeError):
@@ -483,13 +486,11 @@ def epoch_loader(run: RunConfig, s: Setup, state: TrainState, loader=None):
     "The train loader at `state`'s epoch and batch: built the first time, moved to the epoch afterwards."
     if loader is not None:
         loader.set_epoch(state.epoch, start_batch=state.batch_in_epoch); return loader
-    req = unwrap(s.model).data_requirements()
-    return make_train_loader(run.train_reader, batch_size=run.params.batch_size, image_views=req['image_views'],
-                             image_size=unwrap(s.model).image_size, text_aug=req['text_aug'], mlm=req['mlm'],
-                             mlm_prob=req['mlm_prob'], context_length=run.params.context_length, workers=run.params.workers,
-                             seed=run.params.seed, epoch=state.epoch, rank=s.rank, world_size=s.world,
-                             start_batch=state.batch_in_epoch, pin_memory=s.device.type == 'cuda', view_device=s.view_device,
-                             decode_device=run.params.decode_device)
+    p, model = run.params, unwrap(s.model)
+    return make_train_loader(run.train_reader, p.batch_size, workers=p.workers, seed=p.seed, epoch=state.epoch, rank=s.rank,
+                             world_size=s.world, start_batch=state.batch_in_epoch, pin_memory=s.device.type == 'cuda',
+                             image_size=model.image_size, context_length=p.context_length, view_device=s.view_device,
+                             decode_device=p.decode_device, **model.data_requirements())     # the pipeline: what the model's terms need
 
 # %% ../nbs/09_train.ipynb #6943c687
 def train_record(run: RunConfig, s: Setup, state: TrainState, out: dict, meter: Meter) -> dict:
@@ -728,7 +729,7 @@ def _claim_output(run: RunConfig) -> RunLock:
     lock.acquire()
     try:
         path = _resolve_output(run.params)             # another run may have started in it after the check
-        if path != run.resume_path: run.resume_info = _check_resume(path, run.model, run.params, run.train_samples, run.switches)
+        if path != run.resume_path: run.resume_info = _check_resume(path, run)
     except BaseException: lock.release(); raise
     run.resume_path = path
     return lock
@@ -763,16 +764,13 @@ def _size_or_fraction(text: str) -> int | float:
     v = float(text)
     return int(v) if v.is_integer() else v
 
-def _switch_type(name):
-    "The flag type of switch `name`, from its `ModelConfig` field."
-    kind = ModelConfig.__dataclass_fields__[name].type
-    if name == 'nn_queue_size': return _size_or_fraction          # entries, or a share of the training set (train's `_queue_fraction`)
-    return bool_arg if kind is bool else int if kind in (int, int | None) else float if kind is float else str     # image_views: 'a,b'
-
-
 def _flag_type(kind):
-    "The flag type of a `TrainParams` field of type `kind`: bool -> true/false, int, float, else str (`resume`'s true/false too)."
+    "The flag type of a field of type `kind`: bool -> true/false, int, float, else str (`resume`'s true/false and `image_views`' 'a,b' too)."
     return bool_arg if kind is bool else int if kind in (int, int | None) else float if kind in (float, float | None) else str
+
+def _switch_type(name):
+    "The flag type of switch `name`, from its `ModelConfig` field; `nn_queue_size` takes entries or a share of the training set (`_queue_fraction`)."
+    return _size_or_fraction if name == 'nn_queue_size' else _flag_type(ModelConfig.__dataclass_fields__[name].type)
 
 def train_parser() -> argparse.ArgumentParser:
     "The `declip-train` argument parser: `TrainParams`' fields, then the model switches (and their aliases)."
