@@ -19,15 +19,16 @@ from .runs import markdown_table, provenance, read_metrics, RunLock, RunDirLocke
 from .train import train, primary_score
 
 # %% auto #0
-__all__ = ['ABLATION_VARIANTS', 'VARIANT_GROUPS', 'KEY_NAMES', 'FINAL_WEIGHTS', 'QUEUE_METRICS', 'REPORTS', 'RUN_FOLDER_PARAMS',
-           'test_split_spec', 'study_run', 'uses_queue', 'run_cost', 'run_key', 'subset_sizes', 'subset_spec',
-           'test_checkpoints', 'train_and_test', 'run_record', 'write_record', 'read_record', 'complete_test',
-           'run_grid', 'record_row', 'incomplete_grid_note', 'per_item_note', 'cut_grid_note', 'mean_std', 'difference',
-           'compare', 'paired_interval', 'holm', 'verdict', 'detectable_difference', 'variance_parts', 'item_outcomes',
-           'paired_comparisons', 'design_power', 'queue_sources', 'budget_check', 'learning_curves', 'mean_curve',
-           'budget_rule', 'compute_ratio', 'equal_compute', 'best_final_table', 'plot_learning_curves', 'saving_factor',
-           'notebook_sources', 'stale_notebooks', 'execute_notebooks', 'default_runs_dir', 'ReportFailed', 'regenerate',
-           'report_list', 'reports_cli', 'shared_folders']
+__all__ = ['ABLATION_VARIANTS', 'VARIANT_GROUPS', 'KEY_NAMES', 'FINAL_WEIGHTS', 'QUEUE_METRICS', 'SWEPT', 'REPORTS',
+           'RUN_FOLDER_PARAMS', 'test_split_spec', 'study_run', 'uses_queue', 'run_cost', 'run_key', 'subset_sizes',
+           'subset_spec', 'test_checkpoints', 'train_and_test', 'run_record', 'write_record', 'read_record',
+           'complete_test', 'run_grid', 'record_row', 'incomplete_grid_note', 'per_item_note', 'cut_grid_note',
+           'mean_std', 'difference', 'compare', 'paired_interval', 'holm', 'verdict', 'detectable_difference',
+           'variance_parts', 'item_outcomes', 'paired_comparisons', 'design_power', 'queue_sources', 'budget_check',
+           'tuned_point', 'learning_curves', 'mean_curve', 'budget_rule', 'compute_ratio', 'equal_compute',
+           'best_final_table', 'plot_learning_curves', 'saving_factor', 'notebook_sources', 'stale_notebooks',
+           'execute_notebooks', 'default_runs_dir', 'ReportFailed', 'regenerate', 'report_list', 'reports_cli',
+           'shared_folders']
 
 # %% ../nbs/11_study.ipynb #d236c2dc
 ABLATION_VARIANTS = {
@@ -294,12 +295,17 @@ def _folders(records) -> list:
     "`records` as a list of folders: None -> [], one folder -> [it]."
     return [] if not records else [Path(records)] if isinstance(records, (str, Path)) else [Path(f) for f in records]
 
+def _run_folder(root, name: str, key: str) -> Path:
+    "A run's folder under `root`: `<name>-<key>`, else a folder of the same parameters under another study's name (`*-<key>`), else the first."
+    d = Path(root) / f"{_slug(name)}-{key}"
+    return d if d.exists() else next(iter(sorted(Path(root).glob(f'*-{key}'))), d)
+
 def _plan(runs, root, records, rerun):
     "(done: {i: (record, source)}, todo: [(i, run, run_dir, child params)]) of a grid."
     done, todo, folders = {}, [], _folders(records)
     for i, r in enumerate(runs):
         key = run_key(r['params'])
-        d = root / f"{_slug(r['name'])}-{key}"
+        d = _run_folder(root, r['name'], key)
         if rerun and d.exists(): shutil.rmtree(d)
         found = None if rerun else next(((rec, f) for f in folders if (rec := read_record(f, key))), None)
         if found: done[i] = (dict(found[0], **{k: v for k, v in r.items() if k != 'params'}), 'record' if found[1] == folders[0] else 'shared record'); continue
@@ -345,7 +351,8 @@ def run_grid(runs:list,              # dicts: `name` (a label), `params` (train 
     root, folders = Path(root) if root else default_runs_dir(), _folders(records)
     done, todo = _plan(runs, root, records, rerun)
     for i, (rec, source) in done.items():           # recorded runs: evaluate the final weights on extras the record lacks
-        if train and source != 'shared record': complete_test(rec, runs[i], root / f"{_slug(runs[i]['name'])}-{rec['key']}")
+        if train and complete_test(rec, runs[i], _run_folder(root, runs[i]['name'], rec['key'])) and source == 'shared record':
+            done[i] = (rec, 'record')                  # completed here: the new version is this study's record (the other study's stays)
     if folders:
         for rec, source in done.values():
             if source != 'shared record': write_record(rec, folders[0])
@@ -616,6 +623,20 @@ def budget_check(records: list, base: str, long: str, metric: str, margin: float
             f'the longer run may gain {margin} or more: **the budget rule fails**, the runs are not trained to their plateau.'))
     return dict(r, holds=holds, items=len(ids), text=text)
 
+# %% ../nbs/11_study.ipynb #9482032e
+SWEPT = ('lr', 'weight_decay')
+"The hyperparameters a sweep varies (`tuned_point`)."
+
+def tuned_point(records: list, variant: str, steps: int) -> dict:
+    "The sweep's choice for `variant`: its seed-0, whole-split runs of `steps` steps, the highest final validation score wins; {hp: overrides of the recipe, score, runner_up, points, key}."
+    cands = [r for r in records if r.get('variant') == variant and r.get('seed') == 0 and r.get('train_fraction', 1.) == 1.
+             and r['params'].get('max_steps') == steps and r.get('validation')]
+    if not cands: raise ValueError(f"tuned_point: no seed-0 run of {variant!r} with {steps} steps among {len(records)} records")
+    ranked = sorted(cands, key=lambda r: -r['validation'][-1]['score'])
+    score = lambda r: r['validation'][-1]['score']
+    return dict(variant=variant, hp={k: ranked[0]['params'][k] for k in SWEPT if k in ranked[0]['params']}, score=score(ranked[0]),
+                runner_up=score(ranked[1]) if len(ranked) > 1 else None, points=len(ranked), key=ranked[0]['key'])
+
 # %% ../nbs/11_study.ipynb #6880275d
 def learning_curves(records:list, value:str='score', label:str='variant', curve:str='validation') -> pd.DataFrame:
     "Long table (label, seed, step, value) of the records' validation curves (`value`: 'score' or '<set>/<metric>') or training curves."
@@ -653,16 +674,17 @@ def budget_rule(curves:pd.DataFrame, baseline='CLIP', tol:float=0.01, last:int=2
 
 # %% ../nbs/11_study.ipynb #76ed0e73
 def compute_ratio(records:list, base='CLIP', other='DeCLIP', label='variant') -> tuple[float, str]:
-    "(seconds per step of `other` / of `base`, how it was obtained): measured from the records on one device kind, else `relative_cost`."
+    "(seconds per step of `other` / of `base`, how it was obtained): measured from the records on one GPU model, else `relative_cost`."
     of = lambda l: [r for r in records if r[label] == l]
     b, o = of(base), of(other)
-    times = [r.get('step_time_s') for r in b + o]
-    if b and o and all(times) and len({r.get('device') for r in b + o}) == 1:
+    times, devices = [r.get('step_time_s') for r in b + o], {r.get('device') for r in b + o}
+    if b and o and all(times) and len(devices) == 1 and 'cpu' not in devices:
         ratio = np.mean([r['step_time_s'] for r in o]) / np.mean([r['step_time_s'] for r in b])
         return float(ratio), f'measured: {np.mean([r["step_time_s"] for r in o]):.3g} s / {np.mean([r["step_time_s"] for r in b]):.3g} s per step on {b[0]["device"]}'
     method = lambda rs, l: rs[0]['method'] if rs else ABLATION_VARIANTS.get(l, {}).get('method', l)
     ratio = METHODS[method(o, other)].relative_cost / METHODS[method(b, base)].relative_cost
-    return float(ratio), 'models.METHODS relative_cost (no comparable measurement)'
+    why = 'CPU step times move with the load' if 'cpu' in devices else 'no comparable measurement'
+    return float(ratio), f'models.METHODS relative_cost ({why})'
 
 def equal_compute(records:list, base='CLIP', other='DeCLIP', label='variant', base_curve=None) -> dict:
     "`base` given `other`'s compute: `base_curve`'s (default `base`) mean validation score at other's steps x `compute_ratio`."
@@ -792,6 +814,9 @@ REPORTS = {
     'evidence-sweep':    dict(notebook='nbs/openclipart_study.ipynb', output_param='output', jobs=True, train=True, parameters=dict(
         variants=['CLIP', 'DeCLIP'], seeds=1, compute_seeds=0, layout='60-10-30', coarse=True, nn_queue=0.25,
         sweep={'lr': [0.0005, 0.001, 0.002], 'weight_decay': [0.1, 0.5]}, shared=['evidence-pilot'])),
+    'evidence-headline': dict(notebook='nbs/openclipart_study.ipynb', output_param='output', jobs=True, train=True, parameters=dict(
+        variants=['CLIP', 'DeCLIP'], seeds=5, compute_seeds=5, layout='60-10-30', coarse=True, nn_queue=0.25, ood=True, probe=True,
+        tuned_from=['evidence-sweep', 'evidence-pilot'], shared=['evidence-pilot', 'evidence-sweep'])),
     'train-declip-32ep': dict(notebook='nbs/train.ipynb', parameters=dict(epochs=32), output_param='output_dir'),
     'train-clip-32ep':   dict(notebook='nbs/train.ipynb', parameters=dict(epochs=32, method='clip'), output_param='output_dir'),
     'performance':       dict(script='benchmarks/step.py', smoke_args=['--quick'], report='performance'),
