@@ -541,21 +541,26 @@ def item_outcomes(records: list, metric: str, split: str = 'test') -> tuple[list
     common = sorted(set.intersection(*(set(p) for p in per))) if per else []
     return common, np.array([[p[i] for i in common] for p in per]).reshape(len(per), len(common))
 
+def _runs_with(records: list, metric: str, split: str = 'test') -> list:
+    "The runs among `records` that hold per-item outputs of `metric`'s set on `split`; the others (tested before the set was added, or never on it) are left out."
+    name = metric.rpartition('/')[0]
+    return [r for r in records if name in ((r.get('per_item') or {}).get(split) or {})]
+
 def _by_label(records: list, label: str) -> dict:
     out = {}
     for r in records: out.setdefault(r.get(label) or r['variant'], []).append(r)
     return out
 
+# %% ../nbs/11_study.ipynb #5994d6fe
 def paired_comparisons(records: list, pairs: list, margins: dict, split: str = 'test', label: str = 'label',
                        n_boot: int = 4000) -> pd.DataFrame:
     "One row per (reference, variant) pair x metric (`margins`: metric -> margin): items, runs, difference, 95 % interval, p, Holm's p over all rows, verdict."
     by, rows = _by_label(records, label), []
     for ref, v in pairs:
-        a, b = ([r for r in by.get(x, []) if r.get('per_item')] for x in (ref, v))
-        if not a or not b: continue
         for metric, margin in margins.items():
-            try: ids, out = item_outcomes(a + b, metric, split)
-            except KeyError: continue                         # a set these runs did not evaluate
+            a, b = (_runs_with(by.get(x, []), metric, split) for x in (ref, v))    # the runs tested on this set
+            if not a or not b: continue
+            ids, out = item_outcomes(a + b, metric, split)
             if not ids: continue
             res = paired_interval(out[:len(a)], out[len(a):], n_boot=n_boot)
             rows.append(dict(reference=ref, variant=v, metric=metric, items=len(ids), runs=f'{len(a)} / {len(b)}',
@@ -566,16 +571,16 @@ def paired_comparisons(records: list, pairs: list, margins: dict, split: str = '
         df['verdict'] = [verdict(r.low, r.high, r.margin, r.p_holm) for r in df.itertuples()]
     return df
 
+# %% ../nbs/11_study.ipynb #214374c8
 def design_power(records: list, pairs: list, metrics: list, split: str = 'test', label: str = 'label',
                  seed_sd: dict | None = None, seeds=(3, 5)) -> pd.DataFrame:
     "Per pair x metric: items, the spreads of `variance_parts` (seed and run x item noise measured where a variant has >= 2 runs, else the seed SD `seed_sd[metric]` and the noise left inside item_sd), and the smallest difference detectable (80 % power, 5 % level) at each number of `seeds` and with unlimited seeds (the items' floor)."
     by, rows = _by_label(records, label), []
     for ref, v in pairs:
-        a, b = ([r for r in by.get(x, []) if r.get('per_item')] for x in (ref, v))
-        if not a or not b: continue
         for metric in metrics:
-            try: ids, out = item_outcomes(a + b, metric, split)
-            except KeyError: continue
+            a, b = (_runs_with(by.get(x, []), metric, split) for x in (ref, v))
+            if not a or not b: continue
+            ids, out = item_outcomes(a + b, metric, split)
             if len(ids) < 2: continue
             A, B = out[:len(a)], out[len(a):]
             vp = variance_parts(A, B)
@@ -589,6 +594,7 @@ def design_power(records: list, pairs: list, metrics: list, split: str = 'test',
             rows.append(row)
     return pd.DataFrame(rows)
 
+# %% ../nbs/11_study.ipynb #5e9db583
 QUEUE_METRICS = ('nn_own', 'nn_same_caption', 'nn_similarity')
 
 def _queue_entries(config: dict) -> int:
@@ -610,10 +616,11 @@ def queue_sources(records: list, label: str = 'label', last: float = 0.5) -> pd.
                          **{m: float(np.nanmean(np.asarray(tr[m], dtype=float)[keep])) for m in QUEUE_METRICS}))
     return pd.DataFrame(rows)
 
+# %% ../nbs/11_study.ipynb #3623ff30
 def budget_check(records: list, base: str, long: str, metric: str, margin: float, label: str = 'label', split: str = 'validation') -> dict:
     "The budget rule as a paired test: `long` (the baseline trained longer) minus `base` on `metric`; it holds when the 95 % interval's upper end is below `margin`."
     by = _by_label(records, label)
-    a, b = ([r for r in by.get(x, []) if r.get('per_item')] for x in (base, long))
+    a, b = (_runs_with(by.get(x, []), metric, split) for x in (base, long))
     if not a or not b: return dict(holds=None, text=f'Budget rule (paired): not checked; {long} or {base} has no run with per-item outputs.')
     ids, out = item_outcomes(a + b, metric, split)
     r = paired_interval(out[:len(a)], out[len(a):])

@@ -216,6 +216,7 @@ def _check_model(mcfg: ModelConfig, p: TrainParams) -> int:
     SamplePipeline(image_size=size, text_aug=False, mlm=False, context_length=p.context_length, seed=p.seed)
     return size
 
+# %% ../nbs/09_train.ipynb #f2893aa6
 DATA_ORDER = ('train_data', 'batch_size', 'accum_steps', 'seed')      # what decides which samples each step sees
 RESUME_FREE = ('output_dir', 'resume', 'workers', 'device', 'progress', 'log_every', 'save_every', 'keep_checkpoints', 'max_nonfinite',
                'eval_every', 'probe_data', 'compile', 'grad_checkpointing', 'view_device', 'decode_device')
@@ -264,6 +265,7 @@ def _check_resume(path: Path | None, run: 'RunConfig') -> dict | None:
         raise ValueError(f"resume: {str(path)!r} is at step {step}, at or past this command's {total} steps ({_listed(changes)}): nothing would be trained")
     return dict(step=step, total=total, changes=changes, own=own)
 
+# %% ../nbs/09_train.ipynb #0e6684f7
 def _queue_fraction(given: dict) -> float | None:
     "`nn_queue_size` below 1: the share of the training set the queue holds (returned; resolved once the data's size is known); a whole number: that many entries."
     v = given.get('nn_queue_size')
