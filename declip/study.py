@@ -300,6 +300,11 @@ def _run_folder(root, name: str, key: str) -> Path:
     d = Path(root) / f"{_slug(name)}-{key}"
     return d if d.exists() else next(iter(sorted(Path(root).glob(f'*-{key}'))), d)
 
+def _child_params(run:dict, run_dir) -> dict:
+    "The `train` keywords of a grid run trained in `run_dir`: its parameters, its folder, and the test, OOD and probe sets it asks for."
+    return dict(run['params'], output_dir=str(run_dir), progress=False, resume='auto', test_data=run.get('test_data') or '',
+                **{k: run[k] for k in ('ood_data', 'probe_data') if run.get(k)})
+
 def _plan(runs, root, records, rerun):
     "(done: {i: (record, source)}, todo: [(i, run, run_dir, child params)]) of a grid."
     done, todo, folders = {}, [], _folders(records)
@@ -310,22 +315,21 @@ def _plan(runs, root, records, rerun):
         found = None if rerun else next(((rec, f) for f in folders if (rec := read_record(f, key))), None)
         if found: done[i] = (dict(found[0], **{k: v for k, v in r.items() if k != 'params'}), 'record' if found[1] == folders[0] else 'shared record'); continue
         if _finished(d, r.get('test_data')): done[i] = (run_record(r, d), 'run folder'); continue
-        params = dict(r['params'], output_dir=str(d), progress=False, resume='auto', test_data=r.get('test_data') or '',
-                      **{k: r[k] for k in ('ood_data', 'probe_data') if r.get(k)})
-        todo.append((i, r, d, params))
+        todo.append((i, r, d, _child_params(r, d)))
     return done, todo
 
+# %% ../nbs/11_study.ipynb #e620b6dc
+def _lacking(rec:dict, run:dict) -> dict:
+    "The OOD / probe entries `run` asks for that `rec`'s test evaluation lacks: {'ood_data': [...], 'probe_data': [...]}."
+    t = rec.get('test') or {}
+    return {k: [e for e in (run.get(k) or '').split() if e not in (t.get(k) or '').split()] for k in ('ood_data', 'probe_data')}
+
 def complete_test(rec:dict, run:dict, run_dir) -> bool:
-    "Evaluate a recorded run's final weights (`run_dir`/final.weights.pt) on the OOD / probe entries of `run` that its record lacks, into the record; True when it changed."
-    t = rec.get('test')
-    if not t or not t.get('final'): return False
-    want = {k: [e for e in (run.get(k) or '').split() if e not in (t.get(k) or '').split()] for k in ('ood_data', 'probe_data')}
-    if not any(want.values()): return False
+    "Evaluate a recorded run's final weights (`run_dir`/final.weights.pt) on the OOD / probe entries of `run` that its record lacks, into the record; True when it changed (False too when the weights are not here)."
+    t, want = rec.get('test'), _lacking(rec, run)
+    if not t or not t.get('final') or not any(want.values()): return False
     weights = Path(run_dir) / FINAL_WEIGHTS
-    if not weights.exists():
-        warnings.warn(f"run {run['name']}: its record lacks {' '.join(sum(want.values(), []))}, and its final weights {weights} are not "
-                      'here to evaluate them (they stay on the machine that trained it)', stacklevel=2)
-        return False
+    if not weights.exists(): return False
     more, items = _evaluate_items(weights, ' '.join(want['ood_data']), ' '.join(want['probe_data']))
     t['final']['metrics'].update(_plain(more))
     rec.setdefault('per_item', {}).setdefault('test', {}).update(items)
@@ -335,6 +339,21 @@ def complete_test(rec:dict, run:dict, run_dir) -> bool:
                                                date=datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M')))
     return True
 
+def _complete(done:dict, todo:list, runs:list, root):
+    "Give each recorded run of a grid the OOD / probe sets its record lacks: from its final weights when they are here, else by training it again (moved from `done` to `todo`)."
+    for i, (rec, source) in list(done.items()):
+        lacks = sum(_lacking(rec, runs[i]).values(), [])
+        if not lacks or not (rec.get('test') or {}).get('final'): continue
+        d = _run_folder(root, runs[i]['name'], rec['key'])
+        if complete_test(rec, runs[i], d):
+            if source == 'shared record': done[i] = (rec, 'record')   # completed here: the new version is this study's record (the other study's stays)
+            continue
+        warnings.warn(f"run {runs[i]['name']}: its {source} lacks {' '.join(lacks)}, and its final weights {d / FINAL_WEIGHTS} are not here "
+                      '(they stay on the machine that trained it): training it again', stacklevel=3)
+        if _finished(d, runs[i].get('test_data')): shutil.rmtree(d)   # a finished folder without its weights holds nothing the record lacks
+        del done[i]; todo.append((i, runs[i], d, _child_params(runs[i], d)))
+
+# %% ../nbs/11_study.ipynb #5b52a237
 def run_grid(runs:list,              # dicts: `name` (a label), `params` (train kwargs), `test_data` (optional), other keys kept as columns
              root=None,              # run folders go here, one per distinct parameter set (None: `default_runs_dir()`)
              jobs:int=2,             # runs at once
@@ -350,9 +369,7 @@ def run_grid(runs:list,              # dicts: `name` (a label), `params` (train 
     from tqdm.auto import tqdm
     root, folders = Path(root) if root else default_runs_dir(), _folders(records)
     done, todo = _plan(runs, root, records, rerun)
-    for i, (rec, source) in done.items():           # recorded runs: evaluate the final weights on extras the record lacks
-        if train and complete_test(rec, runs[i], _run_folder(root, runs[i]['name'], rec['key'])) and source == 'shared record':
-            done[i] = (rec, 'record')                  # completed here: the new version is this study's record (the other study's stays)
+    if train: _complete(done, todo, runs, root)     # recorded runs: the sets they lack, from their weights or trained again
     if folders:
         for rec, source in done.values():
             if source != 'shared record': write_record(rec, folders[0])
