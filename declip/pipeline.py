@@ -27,9 +27,10 @@ from .openmoji import openmoji_eval_sets
 __all__ = ['SOURCES', 'VIEW_DEVICES', 'REPLACE_TRIES', 'STOP_SIGNALS', 'HOLDOUT_SHARE', 'HOLDOUT_MIN', 'HOLDOUT_MAX',
            'HOLDOUT_MIN_IMAGES', 'Source', 'register_source', 'DataSpec', 'parse_data_spec', 'ClassCaptionData',
            'open_train_data', 'open_eval_data', 'default_eval_data', 'Skipped', 'key_to_index', 'sample_seeds',
-           'shuffle_seed', 'draft_jpeg', 'SamplePipeline', 'replacement_indices', 'TrainData', 'TrainStream', 'collate',
-           'finish_batch', 'EpochSampler', 'TrainLoader', 'reader_defaults', 'ignore_stop_signals', 'make_train_loader',
-           'EvalImages', 'make_eval_loader', 'holdout_size', 'spec_with', 'DataPlan', 'default_data']
+           'shuffle_seed', 'resolve_view_device', 'draft_jpeg', 'SamplePipeline', 'replacement_indices', 'TrainData',
+           'TrainStream', 'collate', 'finish_batch', 'EpochSampler', 'TrainLoader', 'reader_defaults',
+           'ignore_stop_signals', 'make_train_loader', 'EvalImages', 'make_eval_loader', 'holdout_size', 'spec_with',
+           'DataPlan', 'default_data']
 
 # %% ../nbs/04_pipeline.ipynb #3f5abc12
 _OPTIONS = re.compile(r'[A-Za-z_]\w*=[^,=]*(,[A-Za-z_]\w*=[^,=]*)*')
@@ -267,6 +268,17 @@ def shuffle_seed(seed: int, epoch: int) -> int:
 # %% ../nbs/04_pipeline.ipynb #023a7ad7
 VIEW_DEVICES = ('worker', 'device')     # where a view's pixel work after the crop runs
 
+def resolve_view_device(view_device: str, device, decode_device: str = 'worker') -> str:
+    """'worker' or 'device': where the views are finished (`auto`: on a CUDA `device`, the workers then only decode and
+    crop; in the workers on the CPU). The one rule between the two settings lives here: JPEGs decoded on the device
+    (`decode_device='device'`) need their views made there too."""
+    resolved = view_device if view_device != 'auto' else 'device' if torch.device(device).type == 'cuda' else 'worker'
+    if decode_device == 'device' and resolved != 'device':
+        means = f" means {resolved!r} on {torch.device(device).type}" if view_device == 'auto' else ''
+        raise ValueError(f"decode_device='device' needs the views on the device too (view_device='device', or 'auto' on CUDA): "
+                         f"view_device={view_device!r}{means}")
+    return resolved
+
 def draft_jpeg(image, drawn: list[dict], image_size: int):
     """A JPEG not decoded yet is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, PIL's `draft`) when every view's
     crop keeps at least `image_size` pixels on its shorter side at that scale; the crops are scaled to match.
@@ -298,7 +310,7 @@ class SamplePipeline:
         if int(seed) < 0: raise ValueError(f'seed must be >= 0, got {seed}')
         if view_device not in VIEW_DEVICES: raise ValueError(f'view_device must be one of {VIEW_DEVICES}, got {view_device!r}')
         if decode_device not in VIEW_DEVICES: raise ValueError(f'decode_device must be one of {VIEW_DEVICES}, got {decode_device!r}')
-        if decode_device == 'device' and view_device != 'device': raise ValueError("decode_device='device' needs view_device='device'")
+        resolve_view_device(view_device, 'cpu', decode_device)            # the rule between the two
         self.image_views, self.image_size, self.text_aug, self.mlm = image_views, image_size, bool(text_aug), bool(mlm)
         self.context_length, self.seed, self.mlm_prob = context_length, int(seed), mlm_prob
         self.views = [view_transform(k, image_size, mean, std) for k in image_views]

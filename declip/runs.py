@@ -4,11 +4,12 @@
 
 # %% auto #0
 __all__ = ['CHECKPOINT_KEYS', 'WEIGHTS_FORMAT', 'EXPORT_DROPPED', 'LINE_STYLES', 'MARKERS', 'TABLE_COLUMNS', 'TABLE_FORMATS',
-           'stale_temp_files', 'atomic_save', 'pack_rows', 'unpack_rows', 'pack_optimizer', 'unpack_optimizer',
-           'load_checkpoint_file', 'nonfinite_tensors', 'NonFiniteState', 'Checkpointer', 'checkpoint_contents',
-           'default_export_path', 'remove_stale_exports', 'export_weights', 'export_cli', 'MetricsLog', 'read_metrics',
-           'plot_run', 'RunDirLocked', 'RunLock', 'git_commit', 'environment_info', 'device_description',
-           'provenance_facts', 'provenance_markdown', 'provenance', 'markdown_table', 'results_table', 'write_results']
+           'pack_rows', 'unpack_rows', 'pack_optimizer', 'unpack_optimizer', 'load_checkpoint_file',
+           'nonfinite_tensors', 'stale_temp_files', 'atomic_save', 'NonFiniteState', 'Checkpointer',
+           'checkpoint_contents', 'default_export_path', 'remove_stale_exports', 'export_weights', 'export_cli',
+           'MetricsLog', 'read_metrics', 'plot_run', 'RunDirLocked', 'RunLock', 'git_commit', 'environment_info',
+           'device_description', 'provenance_facts', 'provenance_markdown', 'provenance', 'markdown_table',
+           'results_table', 'write_results']
 
 # %% ../nbs/06a_runs.ipynb #5d8be2b6
 import argparse, errno, fcntl, glob, json, os, platform, re, shutil, socket, subprocess, sys, time, warnings
@@ -19,7 +20,67 @@ import torch
 from .device import world_info, rng_state, set_rng_state
 from .losses import canonical_terms
 
-# %% ../nbs/06a_runs.ipynb #e521eb52
+# %% ../nbs/06a_runs.ipynb #c6074b88
+def _zero_rows(t: torch.Tensor) -> torch.Tensor:
+    "Rows (along dim 0) whose every byte is zero: +0.0 only, so that a row restored as zeros is bitwise the row saved."
+    return t.detach().reshape(t.shape[0], -1).contiguous().view(torch.uint8).eq(0).all(1)
+
+def pack_rows(t, min_rows: int = 1024):
+    "A tensor with at least `min_rows` rows, most of them all zero (Adam's moments of a token embedding: tokens never seen), as {rows, packed_rows, values}; else itself."
+    if not isinstance(t, torch.Tensor) or t.dim() < 2 or t.shape[0] < min_rows or t.is_sparse: return t
+    keep = ~_zero_rows(t)
+    if keep.sum() * 2 > t.shape[0]: return t
+    idx = keep.nonzero().squeeze(1)
+    return dict(rows=t.shape[0], packed_rows=idx.to(torch.int32), values=t[idx].clone())
+
+def unpack_rows(v):
+    "The dense tensor of a `pack_rows` dict (other values as they are)."
+    if not (isinstance(v, dict) and 'packed_rows' in v): return v
+    out = v['values'].new_zeros((v['rows'], *v['values'].shape[1:]))
+    out[v['packed_rows'].long()] = v['values']
+    return out
+
+def pack_optimizer(sd: dict) -> dict:
+    "An optimiser state dict with its mostly-zero moments packed (`pack_rows`); everything else shared, not copied."
+    return dict(sd, state={i: {k: pack_rows(v) for k, v in st.items()} for i, st in sd['state'].items()})
+
+def unpack_optimizer(sd: dict) -> dict:
+    "The inverse of `pack_optimizer` (a dense state dict is returned as it is)."
+    if 'state' not in sd: return sd
+    return dict(sd, state={i: {k: unpack_rows(v) for k, v in st.items()} for i, st in sd['state'].items()})
+
+# %% ../nbs/06a_runs.ipynb #7de54b71
+CHECKPOINT_KEYS = ('config', 'model', 'optimizer', 'scaler', 'step', 'rng')
+WEIGHTS_FORMAT = 'declip-weights/1'         # the `format` entry of a weights-only export (`export_weights`)
+
+def load_checkpoint_file(path, map_location='cpu', keys=()):
+    "Load a checkpoint safely (weights_only=True); one that cannot be read, or lacks one of `keys`, fails in one line (ValueError)."
+    path = Path(path)
+    if not path.exists(): raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if path.is_dir(): raise ValueError(f"checkpoint {str(path)!r} is a folder; give a checkpoint file (e.g. {path}/checkpoints/last.pt)")
+    try: ck = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        why = (str(e).strip().splitlines() or [''])[0][:200]
+        raise ValueError(f"checkpoint {str(path)!r} cannot be read (truncated, or not a checkpoint): {type(e).__name__}: {why}") from None
+    missing = [k for k in keys if not isinstance(ck, dict) or k not in ck]
+    if missing and isinstance(ck, dict) and ck.get('format') == WEIGHTS_FORMAT:
+        raise ValueError(f"{str(path)!r} is a weights-only export (declip-export: no optimiser state, no queue); it loads for "
+                         "evaluation (inference.load_checkpoint) but training cannot resume from it: resume from the run's checkpoints/last.pt")
+    if missing: raise ValueError(f"{str(path)!r} is not a declip training checkpoint: it lacks {missing}")
+    if isinstance(ck, dict) and isinstance(ck.get('optimizer'), dict): ck['optimizer'] = unpack_optimizer(ck['optimizer'])
+    return ck
+
+def nonfinite_tensors(*state_dicts) -> list[str]:
+    "Names of the floating-point tensors in (nested) state dicts that hold a NaN or an infinity."
+    found, stack = [], [('', d) for d in state_dicts]
+    while stack:
+        name, v = stack.pop()
+        if isinstance(v, dict): stack += [(f'{name}.{k}' if name else str(k), x) for k, x in v.items()]
+        elif isinstance(v, (list, tuple)): stack += [(f'{name}.{i}', x) for i, x in enumerate(v)]
+        elif torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all()): found.append(name)
+    return sorted(found)
+
+# %% ../nbs/06a_runs.ipynb #33f92a65
 _HOST = re.sub(r'[^A-Za-z0-9.-]', '-', socket.gethostname()) or 'host'
 _TEMP = re.compile(r'\.(?P<name>.+)\.tmp(?P<pid>\d+)(?:@(?P<host>[A-Za-z0-9.-]*))?')   # `.<name>.tmp<pid>@<host>`, and the older `.<name>.tmp<pid>`
 
@@ -52,64 +113,6 @@ def atomic_save(obj, path):
         tmp.unlink(missing_ok=True)
         if full: raise OSError(errno.ENOSPC, 'No space left on device', str(path)) from None   # torch says only "unexpected pos"
         raise
-
-CHECKPOINT_KEYS = ('config', 'model', 'optimizer', 'scaler', 'step', 'rng')
-WEIGHTS_FORMAT = 'declip-weights/1'         # the `format` entry of a weights-only export (`export_weights`)
-
-def _zero_rows(t: torch.Tensor) -> torch.Tensor:
-    "Rows (along dim 0) whose every byte is zero: +0.0 only, so that a row restored as zeros is bitwise the row saved."
-    return t.detach().reshape(t.shape[0], -1).contiguous().view(torch.uint8).eq(0).all(1)
-
-def pack_rows(t, min_rows: int = 1024):
-    "A tensor with at least `min_rows` rows, most of them all zero (Adam's moments of a token embedding: tokens never seen), as {rows, packed_rows, values}; else itself."
-    if not isinstance(t, torch.Tensor) or t.dim() < 2 or t.shape[0] < min_rows or t.is_sparse: return t
-    keep = ~_zero_rows(t)
-    if keep.sum() * 2 > t.shape[0]: return t
-    idx = keep.nonzero().squeeze(1)
-    return dict(rows=t.shape[0], packed_rows=idx.to(torch.int32), values=t[idx].clone())
-
-def unpack_rows(v):
-    "The dense tensor of a `pack_rows` dict (other values as they are)."
-    if not (isinstance(v, dict) and 'packed_rows' in v): return v
-    out = v['values'].new_zeros((v['rows'], *v['values'].shape[1:]))
-    out[v['packed_rows'].long()] = v['values']
-    return out
-
-def pack_optimizer(sd: dict) -> dict:
-    "An optimiser state dict with its mostly-zero moments packed (`pack_rows`); everything else shared, not copied."
-    return dict(sd, state={i: {k: pack_rows(v) for k, v in st.items()} for i, st in sd['state'].items()})
-
-def unpack_optimizer(sd: dict) -> dict:
-    "The inverse of `pack_optimizer` (a dense state dict is returned as it is)."
-    if 'state' not in sd: return sd
-    return dict(sd, state={i: {k: unpack_rows(v) for k, v in st.items()} for i, st in sd['state'].items()})
-
-def load_checkpoint_file(path, map_location='cpu', keys=()):
-    "Load a checkpoint safely (weights_only=True); one that cannot be read, or lacks one of `keys`, fails in one line (ValueError)."
-    path = Path(path)
-    if not path.exists(): raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    if path.is_dir(): raise ValueError(f"checkpoint {str(path)!r} is a folder; give a checkpoint file (e.g. {path}/checkpoints/last.pt)")
-    try: ck = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        why = (str(e).strip().splitlines() or [''])[0][:200]
-        raise ValueError(f"checkpoint {str(path)!r} cannot be read (truncated, or not a checkpoint): {type(e).__name__}: {why}") from None
-    missing = [k for k in keys if not isinstance(ck, dict) or k not in ck]
-    if missing and isinstance(ck, dict) and ck.get('format') == WEIGHTS_FORMAT:
-        raise ValueError(f"{str(path)!r} is a weights-only export (declip-export: no optimiser state, no queue); it loads for "
-                         "evaluation (inference.load_checkpoint) but training cannot resume from it: resume from the run's checkpoints/last.pt")
-    if missing: raise ValueError(f"{str(path)!r} is not a declip training checkpoint: it lacks {missing}")
-    if isinstance(ck, dict) and isinstance(ck.get('optimizer'), dict): ck['optimizer'] = unpack_optimizer(ck['optimizer'])
-    return ck
-
-def nonfinite_tensors(*state_dicts) -> list[str]:
-    "Names of the floating-point tensors in (nested) state dicts that hold a NaN or an infinity."
-    found, stack = [], [('', d) for d in state_dicts]
-    while stack:
-        name, v = stack.pop()
-        if isinstance(v, dict): stack += [(f'{name}.{k}' if name else str(k), x) for k, x in v.items()]
-        elif isinstance(v, (list, tuple)): stack += [(f'{name}.{i}', x) for i, x in enumerate(v)]
-        elif torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all()): found.append(name)
-    return sorted(found)
 
 # %% ../nbs/06a_runs.ipynb #160794f6
 class NonFiniteState(RuntimeError):

@@ -818,7 +818,18 @@ def execute_notebooks(paths:list, dest, progress:bool=True, current=None) -> pd.
         markdown_table(table, formats={'seconds': '{:.1f}'}), '', '## Provenance of the last regeneration', '', facts, '']))
     return table
 
-# %% ../nbs/11_study.ipynb #ac97b0f7
+# %% ../nbs/11_study.ipynb #8c7f586a
+def default_runs_dir():
+    "Where study runs are cached: `runs/study` of the source checkout (or of the working directory)."
+    try: return _repo_root() / 'runs' / 'study'
+    except FileNotFoundError: return Path.cwd() / 'runs' / 'study'
+
+def _repo_root():
+    here = Path(__file__).resolve().parent.parent if '__file__' in globals() else Path.cwd().parent
+    if not (here / 'nbs').is_dir(): raise FileNotFoundError(f"declip-reports runs from a source checkout; no nbs/ beside {here}")
+    return here
+
+# %% ../nbs/11_study.ipynb #c7092b18
 REPORTS = {
     'ablations':         dict(notebook='nbs/ablations.ipynb', parameters={}, output_param='output', jobs=True, train=True),
     'data-efficiency':   dict(notebook='nbs/data_efficiency.ipynb', parameters={}, output_param='output', jobs=True, train=True),
@@ -849,18 +860,15 @@ REPORTS = {
 }
 "Report name -> the notebook (papermill) or script that writes it, and its parameters (`train`: the notebook takes `train=False`)."
 
-def default_runs_dir():
-    "Where study runs are cached: `runs/study` of the source checkout (or of the working directory)."
-    try: return _repo_root() / 'runs' / 'study'
-    except FileNotFoundError: return Path.cwd() / 'runs' / 'study'
+def _parameter_names(nb: Path) -> set:
+    "The names the notebook's parameters cell assigns (read with Python's parser, as papermill finds them)."
+    import ast
+    cell = next((c for c in json.loads(Path(nb).read_text())['cells'] if 'parameters' in c['metadata'].get('tags', [])), None)
+    if cell is None: return set()
+    body = ast.parse(''.join(cell['source'])).body
+    return {t.id for n in body for t in ([n.target] if isinstance(n, ast.AnnAssign) else getattr(n, 'targets', [])) if isinstance(t, ast.Name)}
 
-def _repo_root():
-    here = Path(__file__).resolve().parent.parent if '__file__' in globals() else Path.cwd().parent
-    if not (here / 'nbs').is_dir(): raise FileNotFoundError(f"declip-reports runs from a source checkout; no nbs/ beside {here}")
-    return here
-
-RUN_FOLDER_PARAMS = ('output_dir',)   # an output parameter naming a training run folder: it stays in place (its checkpoints resume a failed run)
-
+# %% ../nbs/11_study.ipynb #a4d3aca4
 class ReportFailed(RuntimeError):
     "A report notebook failed: its report folder was left as it was; the message names the failed notebook, kept for debugging."
 
@@ -884,6 +892,9 @@ def _failure(name, e, dest: Path, staged: Path) -> str:
     failed = max(staged.glob('*.ipynb'), key=lambda f: f.stat().st_mtime, default=staged)
     runs = ' (runs/ holds the records of the runs that finished)' if (dest / 'runs').is_dir() else ''
     return f"{name} failed: {why}; {dest} was left as it was{runs}; the failed notebook: {failed}"
+
+# %% ../nbs/11_study.ipynb #2e653afc
+RUN_FOLDER_PARAMS = ('output_dir',)   # an output parameter naming a training run folder: it stays in place (its checkpoints resume a failed run)
 
 def regenerate(names=None, smoke=False, out=None, jobs:int=2, progress=True, recorded=False):
     "Run the report notebooks (all, or `names`) with papermill into `out`/<name>/ (`recorded`: studies train nothing, report their records); return {name: seconds}."
@@ -911,14 +922,6 @@ def regenerate(names=None, smoke=False, out=None, jobs:int=2, progress=True, rec
         print(f"declip-reports: {name} done in {times[name] / 60:.1f} min", flush=True)
     return times
 
-def _parameter_names(nb: Path) -> set:
-    "The names the notebook's parameters cell assigns (read with Python's parser, as papermill finds them)."
-    import ast
-    cell = next((c for c in json.loads(Path(nb).read_text())['cells'] if 'parameters' in c['metadata'].get('tags', [])), None)
-    if cell is None: return set()
-    body = ast.parse(''.join(cell['source'])).body
-    return {t.id for n in body for t in ([n.target] if isinstance(n, ast.AnnAssign) else getattr(n, 'targets', [])) if isinstance(t, ast.Name)}
-
 def _execute_report(spec, root, dest, staged, smoke, jobs, progress, recorded):
     "Execute a report's notebook(s) into `staged`; a study's per-run records go to `dest`/runs as each run finishes, a training run folder stays `dest`."
     if 'notebooks' in spec:
@@ -935,6 +938,7 @@ def _execute_report(spec, root, dest, staged, smoke, jobs, progress, recorded):
     pm.execute_notebook(str(nb), str(staged / nb.name), parameters=params, cwd=str(root / 'nbs'),
                         progress_bar=progress, log_output=progress, kernel_name='python3')
 
+# %% ../nbs/11_study.ipynb #a5241253
 def report_list(root=None) -> str:
     "The reports `declip-reports` knows: name, what runs it, and how many run records it holds (a study trains the runs its records lack)."
     root = Path(root) if root else _repo_root()

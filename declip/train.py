@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['DATA_ORDER', 'RESUME_FREE', 'RUN_LENGTH', 'TERM_GRACE_S', 'LAUNCHER_REPEAT_S', 'SUMMARY_METRICS', 'param',
-           'TrainParams', 'RunConfig', 'total_steps', 'config_changes', 'resolve_run', 'TrainingError', 'TrainState',
-           'Setup', 'resolve_view_device', 'setup_run', 'run_config_dict', 'start_run', 'chance_levels', 'Meter',
+           'TrainParams', 'RunConfig', 'total_steps', 'config_changes', 'model_changes', 'resolve_run', 'TrainingError',
+           'TrainState', 'Setup', 'setup_run', 'run_config_dict', 'start_run', 'chance_levels', 'Meter',
            'micro_batches', 'epoch_loader', 'train_record', 'primary_score', 'evaluate_run', 'Trainer', 'probe_final',
            'stop_signals', 'train', 'train_parser', 'train_cli', 'closing_summary', 'papermill_terminal',
            'echo_to_terminal', 'train_local']
@@ -20,9 +20,8 @@ import torch
 from fastcore.basics import patch
 from fastcore.script import bool_arg
 from .models import DeCLIP, ModelConfig, METHODS, SWITCHES, ALIASES, canonical_switches, model_config
-from .losses import canonical_terms
 from .encoders import IMAGE_ENCODERS, TEXT_ENCODERS
-from .pipeline import DataSpec, parse_data_spec, open_train_data, make_train_loader, default_data, reader_defaults, SamplePipeline, VIEW_DEVICES, finish_batch, STOP_SIGNALS
+from .pipeline import DataSpec, parse_data_spec, open_train_data, make_train_loader, default_data, reader_defaults, SamplePipeline, VIEW_DEVICES, resolve_view_device, finish_batch, STOP_SIGNALS
 from .device import (PRECISIONS, setup_distributed, leave_distributed, seed_all, to_device, equal_batches, unwrap,
                            sum_counts_over_ranks, mean_over_ranks, threading_main, peak_memory_mb, autocast)
 from .runs import (Checkpointer, MetricsLog, RunLock, CHECKPOINT_KEYS, environment_info, plot_run,
@@ -111,8 +110,7 @@ class TrainParams:
         "Refuse a bad parameter before any work, naming it and the accepted values (each field's own check, then the rules between fields)."
         for f in fields(self):
             if f.metadata['check'] is not None: f.metadata['check'](f.name, getattr(self, f.name))
-        if self.decode_device == 'device' and self.view_device == 'worker':
-            raise ValueError("decode_device='device' needs the views on the device too (view_device='device' or 'auto' on CUDA)")
+        resolve_view_device(self.view_device, self.device or ('cuda' if torch.cuda.is_available() else 'cpu'), self.decode_device)
         if self.batch_size < 2:
             raise ValueError(f"batch_size={self.batch_size} is too small: a contrastive step needs at least 2 samples on each device "
                              "(and batch-norm heads need 2 per device); use batch_size >= 2")
@@ -235,15 +233,18 @@ def config_changes(saved: dict, params: dict) -> dict:
 
 def _listed(changes: dict) -> str: return '; '.join(f"{k}={a!r} there, {b!r} here" for k, (a, b) in changes.items())
 
+def model_changes(saved: dict, mcfg: ModelConfig) -> list:
+    "What differs between a stored model config (config.json, a checkpoint; of any age: `ModelConfig.from_dict` reads older names, and fields written before they existed as they behaved then) and `mcfg`, as 'name=there there, here here' lines."
+    if not saved: return []
+    there, here = (json.loads(json.dumps(asdict(c), default=str)) for c in (ModelConfig.from_dict(saved), mcfg))
+    return [f"{k}={there[k]!r} there, {here[k]!r} here" for k in here if there[k] != here[k]]
+
 def _check_resume(path: Path | None, run: 'RunConfig') -> dict | None:
     "What resuming `run` from `path` means ({step, total, changes, own}); refused in one line when the model settings or data order differ, or (the run folder's own checkpoint) when the run differs from this command beyond what `resume` allows."
     if path is None: return None
     mcfg, params, n = run.model, run.params, run.train_samples
     ck = load_checkpoint_file(path, keys=CHECKPOINT_KEYS); cfg = ck['config']
-    saved = cfg.get('resolved', {}).get('model', {})
-    if isinstance(saved.get('weights'), dict): saved = dict(saved, weights=canonical_terms(saved['weights']))   # written under older term names
-    now = json.loads(json.dumps(asdict(mcfg), default=str))
-    differ = [f"{k}={saved[k]!r} there, {now[k]!r} here" for k in now if k in saved and saved[k] != now[k]]
+    differ = model_changes(cfg.get('resolved', {}).get('model', {}), mcfg)
     if differ: raise ValueError(f"resume: {str(path)!r} was made with other model settings ({'; '.join(differ)}); resume with the same settings or start a new output_dir")
     world = int(os.environ.get('WORLD_SIZE', '1'))
     was = cfg.get('resolved', {}).get('global_batch'), params.batch_size * world * params.accum_steps
@@ -385,11 +386,6 @@ def _schedule(run: RunConfig, world: int) -> dict:
     return dict(total_steps=total, warmup_steps=warmup, steps_per_epoch=per_epoch)
 
 # %% ../nbs/09_train.ipynb #67089909
-def resolve_view_device(view_device: str, device: torch.device) -> str:
-    "'worker' or 'device': `auto` finishes the views on a CUDA device (the workers then only decode and crop), in the workers on the CPU."
-    if view_device != 'auto': return view_device
-    return 'device' if torch.device(device).type == 'cuda' else 'worker'
-
 def setup_run(run: RunConfig, state: TrainState, ckpt: Checkpointer) -> Setup:
     "Process group, seed, model / optimiser / scaler on the device, the schedule; a checkpoint restored into them and `state`."
     rank, world, _, dev = setup_distributed(run.params.device)
@@ -400,9 +396,8 @@ def setup_run(run: RunConfig, state: TrainState, ckpt: Checkpointer) -> Setup:
     if run.params.sync_bn and world > 1: model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     opt = make_optimizer(model, run.recipe['lr'], run.recipe['weight_decay'], dev)
     scaler = torch.amp.GradScaler(dev.type, enabled=run.params.precision == 'fp16')
-    s = Setup(dev, rank, world, model, opt, scaler, _schedule(run, world), view_device=resolve_view_device(run.params.view_device, dev))
-    if run.params.decode_device == 'device' and s.view_device != 'device':
-        raise ValueError(f"decode_device='device' needs the views on the device: view_device={run.params.view_device!r} means {s.view_device!r} on {dev.type}")
+    views = resolve_view_device(run.params.view_device, dev, run.params.decode_device)
+    s = Setup(dev, rank, world, model, opt, scaler, _schedule(run, world), view_device=views)
     if s.is_main and run.eval_sets:      # decoded and transformed once: each evaluation is its forward passes (08_evaluation)
         run.eval_sets = prepare_eval_sets(run.eval_sets, resolve_transform(model, None))
     if run.resume_path is not None: ckpt.restore(run.resume_path, state, model, opt, scaler, dev, counts=s.is_main)
