@@ -295,6 +295,7 @@ def read_metrics(output_dir):
     ev = pd.DataFrame([r for r in recs if r.get('type') == 'eval'])
     return tr, ev
 
+# %% ../nbs/06a_runs.ipynb #cc51c262
 LINE_STYLES, MARKERS = ('-', '--', '-.', (0, (1, 1))), ('o', 's', '^', 'D', 'v', 'P', 'X')
 
 def _panel(ax, title, empty: str | None = None):
