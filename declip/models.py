@@ -200,6 +200,7 @@ for _t in [
     Term('siglip', sigmoid_term, lambda m, c: dict(logit_bias=nn.Parameter(torch.tensor(float(c.logit_bias_init)))),
          doc="SigLIP's pairwise sigmoid loss")]: register_term(_t)
 
+# %% ../nbs/07_models.ipynb #143a408d
 def active_terms(cfg) -> list:
     "(name, term function) for every supervision `cfg` switches on."
     return [(t.name, t.fn) for t in terms_of(cfg)]
