@@ -21,19 +21,20 @@ from .train import train, primary_score
 # %% auto #0
 __all__ = ['ABLATION_VARIANTS', 'VARIANT_GROUPS', 'KEY_NAMES', 'FINAL_WEIGHTS', 'QUEUE_METRICS', 'SWEPT', 'REPORTS',
            'RUN_FOLDER_PARAMS', 'test_split_spec', 'study_run', 'uses_queue', 'run_cost', 'run_key', 'subset_sizes',
-           'subset_spec', 'test_checkpoints', 'train_and_test', 'run_record', 'write_record', 'read_record',
-           'complete_test', 'run_grid', 'record_row', 'incomplete_grid_note', 'per_item_note', 'cut_grid_note',
-           'mean_std', 'difference', 'compare', 'paired_interval', 'holm', 'verdict', 'detectable_difference',
-           'variance_parts', 'item_outcomes', 'paired_comparisons', 'design_power', 'queue_sources', 'budget_check',
-           'tuned_point', 'learning_curves', 'mean_curve', 'budget_rule', 'compute_ratio', 'equal_compute',
-           'best_final_table', 'plot_learning_curves', 'saving_factor', 'notebook_sources', 'stale_notebooks',
-           'execute_notebooks', 'default_runs_dir', 'ReportFailed', 'regenerate', 'report_list', 'reports_cli',
-           'shared_folders']
+           'subset_spec', 'test_checkpoints', 'train_and_test', 'die_with_parent', 'run_record', 'write_record',
+           'read_record', 'complete_test', 'run_grid', 'record_row', 'incomplete_grid_note', 'per_item_note',
+           'cut_grid_note', 'mean_std', 'difference', 'compare', 'paired_interval', 'holm', 'verdict',
+           'detectable_difference', 'variance_parts', 'item_outcomes', 'paired_comparisons', 'design_power',
+           'queue_sources', 'budget_check', 'tuned_point', 'learning_curves', 'mean_curve', 'budget_rule',
+           'compute_ratio', 'equal_compute', 'best_final_table', 'plot_learning_curves', 'saving_factor',
+           'notebook_sources', 'stale_notebooks', 'execute_notebooks', 'default_runs_dir', 'ReportFailed', 'regenerate',
+           'report_list', 'reports_cli', 'shared_folders']
 
 # %% ../nbs/11_study.ipynb #d236c2dc
 ABLATION_VARIANTS = {
     'CLIP':            dict(method='clip'),
     '+MVS':            dict(method='declip', image_ssl=False, text_ssl=False, nearest_neighbour=False, contrastive_text='clean'),
+    '+ISS+TSS':        dict(method='declip', multi_view=False, nearest_neighbour=False),   # the paper's order: self-supervision first
     '+MVS+ISS':        dict(method='declip', text_ssl=False, nearest_neighbour=False, contrastive_text='clean'),
     '+MVS+ISS+TSS':    dict(method='declip', nearest_neighbour=False),
     'DeCLIP':          dict(method='declip'),                      # = +MVS+ISS+TSS+NNS
@@ -55,6 +56,7 @@ ABLATION_VARIANTS = {
 "Study variants: name -> `train` keyword arguments (a method plus switches)."
 
 VARIANT_GROUPS = {'ablation': ['CLIP', '+MVS', '+MVS+ISS', '+MVS+ISS+TSS', 'DeCLIP'],
+                  'paper_ablation': ['CLIP', '+ISS+TSS', '+MVS+ISS+TSS', 'DeCLIP'],   # the paper's Table 5 order: +ISS+TSS, +MVS, +NNS
                   'methods': ['CLIP', 'SLIP', 'FILIP', 'DeCLIP', 'DeFILIP'],
                   'faithful_vs_fixed': ['DeCLIP', 'DeCLIP, clean contrastive caption', 'DeCLIP, bidirectional MLM',
                                         'DeCLIP, queue without random start'],
@@ -182,7 +184,18 @@ def train_and_test(test_data:str='', train_fraction:float=None, ood_data:str='',
     return summary
 
 # %% ../nbs/11_study.ipynb #80a35ae6
-_RUNNER = "import json, sys; from declip.study import train_and_test; train_and_test(**json.load(open(sys.argv[1])))"
+_RUNNER = ("import json, os, sys; from declip.study import die_with_parent, train_and_test; "
+           "die_with_parent(int(os.environ['DECLIP_PARENT'])); train_and_test(**json.load(open(sys.argv[1])))")
+
+def die_with_parent(parent: int):
+    """In a run's child process: SIGTERM when the study process that started it (pid `parent`) dies, as a kill of the
+    study would not reach it otherwise (Linux `PR_SET_PDEATHSIG`; the trainer then saves a checkpoint and stops). The
+    child trains under its parent's run lock, which dies with the parent: an orphan training on would share its folder
+    with the next study that takes the lock."""
+    import ctypes, signal
+    try: ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))      # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError): return                                  # not Linux: nothing to arm
+    if os.getppid() != parent: os.kill(os.getpid(), signal.SIGTERM)           # the parent died before it was armed
 FINAL_WEIGHTS = 'final.weights.pt'      # the final weights kept in a finished run's folder (a weights-only export; not committed)
 
 def _lock(run_dir, poll=10.):
@@ -201,7 +214,8 @@ def _launch(params, run_dir, threads, keep_weights=False):
     try:
         pfile = run_dir / 'params.json'
         pfile.write_text(json.dumps(params, indent=1, default=str))
-        env = dict(os.environ, **RunLock.env(run_dir), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED='1')
+        env = dict(os.environ, **RunLock.env(run_dir), DECLIP_PARENT=str(os.getpid()), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+                   PYTHONUNBUFFERED='1')
         with open(run_dir / 'log.txt', 'a') as log:
             p = subprocess.run([sys.executable, '-c', _RUNNER, str(pfile)], stdout=log, stderr=subprocess.STDOUT, env=env)
     finally: lock.release()                              # the child inherited it (DECLIP_RUN_LOCK)
@@ -852,6 +866,10 @@ REPORTS = {
     'evidence-headline': dict(notebook='nbs/openclipart_study.ipynb', output_param='output', jobs=True, train=True, parameters=dict(
         variants=['CLIP', 'DeCLIP'], seeds=5, compute_seeds=5, layout='60-10-30', coarse=True, nn_queue=0.25, ood=True, probe=True,
         tuned_from=['evidence-sweep', 'evidence-pilot'], shared=['evidence-pilot', 'evidence-sweep'])),
+    'evidence-ablation': dict(notebook='nbs/openclipart_study.ipynb', output_param='output', jobs=True, train=True, parameters=dict(
+        variants=['CLIP', '+ISS+TSS', '+MVS+ISS+TSS', 'DeCLIP'], seeds=3, compute_seeds=0, layout='60-10-30', coarse=True, nn_queue=0.25, ood=True,
+        probe=True, tuned_from=['evidence-sweep', 'evidence-pilot'], shared=['evidence-headline', 'evidence-pilot', 'evidence-sweep'],
+        against={'+ISS+TSS': 'CLIP', '+MVS+ISS+TSS': '+ISS+TSS', 'DeCLIP': '+MVS+ISS+TSS'})),
     'train-declip-32ep': dict(notebook='nbs/train.ipynb', parameters=dict(epochs=32), output_param='output_dir'),
     'train-clip-32ep':   dict(notebook='nbs/train.ipynb', parameters=dict(epochs=32, method='clip'), output_param='output_dir'),
     'performance':       dict(script='benchmarks/step.py', smoke_args=['--quick'], report='performance'),
