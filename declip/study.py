@@ -56,7 +56,6 @@ ABLATION_VARIANTS = {
 "Study variants: name -> `train` keyword arguments (a method plus switches)."
 
 VARIANT_GROUPS = {'ablation': ['CLIP', '+MVS', '+MVS+ISS', '+MVS+ISS+TSS', 'DeCLIP'],
-                  'paper_ablation': ['CLIP', '+ISS+TSS', '+MVS+ISS+TSS', 'DeCLIP'],   # the paper's Table 5 order: +ISS+TSS, +MVS, +NNS
                   'methods': ['CLIP', 'SLIP', 'FILIP', 'DeCLIP', 'DeFILIP'],
                   'faithful_vs_fixed': ['DeCLIP', 'DeCLIP, clean contrastive caption', 'DeCLIP, bidirectional MLM',
                                         'DeCLIP, queue without random start'],
