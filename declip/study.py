@@ -664,10 +664,17 @@ def budget_check(records: list, base: str, long: str, metric: str, margin: float
 SWEPT = ('lr', 'weight_decay')
 "The hyperparameters a sweep varies (`tuned_point`)."
 
+def _method_preset(variant: str) -> str:
+    "The variant that is `variant`'s method as its preset, with no switch changed (e.g. '+ISS+TSS' -> 'DeCLIP'); `variant` itself when none is."
+    m = ABLATION_VARIANTS[variant]['method']
+    return next((v for v, kw in ABLATION_VARIANTS.items() if kw == {'method': m}), variant)
+
 def tuned_point(records: list, variant: str, steps: int) -> dict:
-    "The sweep's choice for `variant`: its seed-0, whole-split runs of `steps` steps, the highest final validation score wins; {hp: overrides of the recipe, score, runner_up, points, key}."
-    cands = [r for r in records if r.get('variant') == variant and r.get('seed') == 0 and r.get('train_fraction', 1.) == 1.
-             and r['params'].get('max_steps') == steps and r.get('validation')]
+    "The sweep's choice for `variant`: its seed-0, whole-split runs of `steps` steps, the highest final validation score wins (a variant without runs of its own: its method's preset's, `variant` then names that one); {variant, hp: overrides of the recipe, score, runner_up, points, key}."
+    pick = lambda v: [r for r in records if r.get('variant') == v and r.get('seed') == 0 and r.get('train_fraction', 1.) == 1.
+                      and r['params'].get('max_steps') == steps and r.get('validation')]
+    cands = pick(variant)
+    if not cands and variant in ABLATION_VARIANTS and (preset := _method_preset(variant)) != variant: variant, cands = preset, pick(preset)
     if not cands: raise ValueError(f"tuned_point: no seed-0 run of {variant!r} with {steps} steps among {len(records)} records")
     ranked = sorted(cands, key=lambda r: -r['validation'][-1]['score'])
     score = lambda r: r['validation'][-1]['score']
