@@ -5,6 +5,7 @@
 # %% ../nbs/08_evaluation.ipynb #33ce36e4
 from __future__ import annotations
 import contextlib, copy, math, os, re
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Sequence
 import torch, torch.nn.functional as F
@@ -16,9 +17,9 @@ from .device import PRECISIONS, autocast
 from .models import METHODS
 
 # %% auto #0
-__all__ = ['IMAGENET_CLASSNAMES', 'TEMPLATES', 'DEFAULT_L2_GRID', 'PROBE_DATASETS', 'SCORINGS', 'load_templates', 'eval_mode',
-           'model_device', 'image_batches', 'resolve_transform', 'resolve_tokenizer', 'encode_texts',
-           'extract_features', 'zero_shot_classifier', 'classification_metrics', 'classification_items',
+__all__ = ['IMAGENET_CLASSNAMES', 'TEMPLATES', 'SCORINGS', 'DEFAULT_L2_GRID', 'PROBE_DATASETS', 'load_templates', 'eval_mode',
+           'model_device', 'image_batches', 'EvalOptions', 'eval_options', 'resolve_transform', 'resolve_tokenizer',
+           'encode_texts', 'extract_features', 'zero_shot_classifier', 'classification_metrics', 'classification_items',
            'confusion_matrix', 'zero_shot_eval', 'retrieval_metrics', 'set_ids', 'retrieval_eval',
            'filip_class_embeddings', 'filip_scores', 'filip_zero_shot_eval', 'recall_from_scores', 'filip_similarity',
            'filip_retrieval_eval', 'fit_logistic_regression', 'stratified_split', 'linear_probe', 'linear_probe_eval',
@@ -86,6 +87,46 @@ def image_batches(dataset, transform, batch_size: int, workers: int = 0, skipped
         if images is not None: yield images, labels
 
 
+# %% ../nbs/08_evaluation.ipynb #4973a128
+SCORINGS = ('auto', 'global', 'filip')
+
+@dataclass
+class EvalOptions:
+    "How an evaluation runs: each evaluation function (and `inference.evaluate`) takes these fields as keywords, or one `EvalOptions` as `options`."
+    tokenizer: object = None                       # None: `model.tokenizer`
+    transform: Callable | None = None              # None: the ONECROP evaluation transform at `model.image_size`
+    batch_size: int = 256
+    device: object = None                          # where images and tokens go (None: the model's device; the model is not moved)
+    workers: int = 0                               # DataLoader workers reading the images
+    precision: str = 'fp32'                        # autocast precision, one of `device.PRECISIONS`
+    scoring: str = 'auto'                          # one of `SCORINGS`; auto: the method's (`zero_shot_scoring`)
+    progress: bool = False                         # progress bars
+    per_item: bool = False                         # each item's outputs (ids, classes, ranks) under 'per_item'
+    return_predictions: bool = False               # classification: the predicted and true labels too (tensors)
+    probe_test_fraction: float = 0.5               # a plain ImageFolder probe set: the part held out for testing
+    probe_val_fraction: float = 0.2                # the probe's validation split, to choose L2
+    probe_l2_grid: Sequence[float] | None = None   # L2 values tried (None: `DEFAULT_L2_GRID`)
+    probe_max_iter: int = 1000                     # L-BFGS iterations of each probe fit
+    probe_seed: int = 0                            # the probe's splits
+
+    def __post_init__(self):
+        if self.scoring not in SCORINGS: raise ValueError(f'scoring={self.scoring!r}: expected one of {SCORINGS}')
+        if self.precision not in PRECISIONS: raise ValueError(f'precision={self.precision!r}: expected one of {PRECISIONS}')
+        if not (isinstance(self.batch_size, int) and self.batch_size >= 1): raise ValueError(f'batch_size={self.batch_size!r}: expected an integer >= 1')
+
+    def device_for(self, model) -> torch.device:
+        "`device`, or the model's own."
+        return torch.device(self.device) if self.device is not None else model_device(model)
+
+def eval_options(options: EvalOptions | None = None, **kw) -> EvalOptions:
+    "`options` (None: the defaults) with the fields named in `kw` replaced; an unknown name is refused with the known ones."
+    if options is not None and not isinstance(options, EvalOptions):
+        raise TypeError(f'options: expected an EvalOptions, got {type(options).__name__}; pass tokenizer, transform and the rest by name')
+    known = [f.name for f in fields(EvalOptions)]
+    unknown = sorted(set(kw) - set(known))
+    if unknown: raise TypeError(f"unknown evaluation option(s) {unknown}; known: {', '.join(known)}")
+    return replace(options or EvalOptions(), **kw)
+
 # %% ../nbs/08_evaluation.ipynb #4d9b085f
 def resolve_transform(model, transform):
     "`transform`, or (when None) the ONECROP evaluation transform at `model.image_size`."
@@ -100,41 +141,43 @@ def resolve_tokenizer(model, tokenizer):
     if tokenizer is None: raise ValueError('tokenizer: none given and the model has no `.tokenizer`')
     return tokenizer
 
-def encode_texts(model, texts: Sequence[str], tokenizer=None, device=None, batch_size: int = 256,
-                 normalize: bool = True, progress: bool = False) -> torch.Tensor:
-    "Embed `texts` with `model.encode_text` in batches -> float32 [N, D] on the CPU."
-    tokenizer, device = resolve_tokenizer(model, tokenizer), device or model_device(model)
+def encode_texts(model, texts: Sequence[str], options: EvalOptions | None = None, *, normalize: bool = True, **kw) -> torch.Tensor:
+    "Embed `texts` with `model.encode_text` in batches -> float32 [N, D] on the CPU (`kw`: `EvalOptions` fields: tokenizer, device, batch_size, progress)."
+    o = eval_options(options, **kw)
+    tokenizer, device, bs = resolve_tokenizer(model, o.tokenizer), o.device_for(model), o.batch_size
     texts, out = list(texts), []
     with eval_mode(model):
-        for i in tqdm(range(0, len(texts), batch_size), disable=not progress, leave=False, desc='texts'):
-            tokens = tokenizer(texts[i:i + batch_size]).to(device)
+        for i in tqdm(range(0, len(texts), bs), disable=not o.progress, leave=False, desc='texts'):
+            tokens = tokenizer(texts[i:i + bs]).to(device)
             emb = model.encode_text(tokens, normalize=normalize).float()
             out.append((F.normalize(emb, dim=-1) if normalize else emb).cpu())
     return torch.cat(out) if out else torch.empty(0, 0)
 
-def extract_features(model, dataset, transform: Callable | None = None, batch_size: int = 256, device=None, workers: int = 0,
-                     normalize: bool = True, progress: bool = False, skipped: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    "Embed every image of `dataset` (samples `(PIL, label)` or bare PIL) -> (float32 [N, D], long [N]) on the CPU; `skipped`: see `image_batches`."
-    device, transform = device or model_device(model), resolve_transform(model, transform)
+def extract_features(model, dataset, options: EvalOptions | None = None, *, normalize: bool = True, skipped: list | None = None,
+                     **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    "Embed every image of `dataset` (samples `(PIL, label)` or bare PIL) -> (float32 [N, D], long [N]) on the CPU; `skipped`: see `image_batches`; `kw`: `EvalOptions` fields (transform, batch_size, device, workers, progress)."
+    o = eval_options(options, **kw)
+    device, transform = o.device_for(model), resolve_transform(model, o.transform)
     feats, labels = [], []
     with eval_mode(model):
-        for images, y in tqdm(image_batches(dataset, transform, batch_size, workers, skipped), disable=not progress, leave=False, desc='images',
-                            total=-(-len(dataset) // batch_size)):
+        for images, y in tqdm(image_batches(dataset, transform, o.batch_size, o.workers, skipped), disable=not o.progress, leave=False,
+                              desc='images', total=-(-len(dataset) // o.batch_size)):
             emb = model.encode_image(images.to(device), normalize=normalize).float()
             feats.append((F.normalize(emb, dim=-1) if normalize else emb).cpu()); labels.append(y)
     if not feats: raise ValueError(f'extract_features: dataset {dataset!r} is empty' + (f' ({len(skipped)} unreadable images)' if skipped else ''))
     return torch.cat(feats), torch.cat(labels).long()
 
 # %% ../nbs/08_evaluation.ipynb #86dd39c4
-def zero_shot_classifier(model, classnames: Sequence[str], templates: Sequence[str] | str, tokenizer=None, device=None,
-                         batch_size: int = 256, progress: bool = False) -> torch.Tensor:
-    "Prompt-ensemble class embeddings: mean of the normalised prompt embeddings, normalised -> [D, C] on `device`."
-    templates, device = load_templates(templates), device or model_device(model)
+def zero_shot_classifier(model, classnames: Sequence[str], templates: Sequence[str] | str, options: EvalOptions | None = None,
+                         **kw) -> torch.Tensor:
+    "Prompt-ensemble class embeddings: mean of the normalised prompt embeddings, normalised -> [D, C] on the device (`kw`: `EvalOptions` fields)."
+    o = eval_options(options, **kw)
+    templates = load_templates(templates)
     if not len(classnames): raise ValueError('zero_shot_classifier: no classnames')
     prompts = [t.replace('{}', c) for c in classnames for t in templates]
-    emb = encode_texts(model, prompts, tokenizer, device, batch_size, normalize=True, progress=progress)
+    emb = encode_texts(model, prompts, o, normalize=True)
     classes = F.normalize(emb.view(len(classnames), len(templates), -1).mean(1), dim=-1)
-    return classes.T.contiguous().to(device)
+    return classes.T.contiguous().to(o.device_for(model))
 
 # %% ../nbs/08_evaluation.ipynb #6435227e
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -160,20 +203,19 @@ def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classe
     return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes)
 
 # %% ../nbs/08_evaluation.ipynb #1520dd09
-def zero_shot_eval(model, dataset, tokenizer=None, transform: Callable | None = None, batch_size: int = 256, device=None,
-                   workers: int = 0, templates: Sequence[str] | str | None = None, return_predictions: bool = False,
-                   progress: bool = False, per_item: bool = False) -> dict:
-    "Zero-shot top-1 / top-5 / mean per-class recall of `model` on a `ClassificationSet` (`per_item`: and `classification_items` under 'per_item')."
+def zero_shot_eval(model, dataset, options: EvalOptions | None = None, *, templates: Sequence[str] | str | None = None, **kw) -> dict:
+    "Zero-shot top-1 / top-5 / mean per-class recall of `model` on a `ClassificationSet` (`kw`: `EvalOptions` fields; `per_item`: and `classification_items` under 'per_item')."
+    o = eval_options(options, **kw)
     templates = templates if templates is not None else getattr(dataset, 'templates', None)
     if not templates: raise ValueError(f'zero_shot_eval: {dataset!r} has no templates; pass templates= (e.g. "simple")')
-    device = device or model_device(model)
-    classifier = zero_shot_classifier(model, dataset.classnames, templates, tokenizer, device, batch_size, progress)
+    o = replace(o, device=o.device_for(model))
+    classifier = zero_shot_classifier(model, dataset.classnames, templates, o)
     bad = []                                                  # unreadable images: left out and counted
-    feats, labels = extract_features(model, dataset, transform, batch_size, device, workers, normalize=True, progress=progress, skipped=bad)
+    feats, labels = extract_features(model, dataset, o, normalize=True, skipped=bad)
     logits = feats @ classifier.cpu()
     metrics = classification_metrics(logits, labels) | ({'skipped_images': len(bad)} if bad else {})
-    if return_predictions: metrics.update(predictions=logits.argmax(1), labels=labels)
-    if per_item: metrics['per_item'] = classification_items(logits, labels, [i for i in range(len(dataset)) if i not in set(bad)])
+    if o.return_predictions: metrics.update(predictions=logits.argmax(1), labels=labels)
+    if o.per_item: metrics['per_item'] = classification_items(logits, labels, [i for i in range(len(dataset)) if i not in set(bad)])
     return metrics
 
 # %% ../nbs/08_evaluation.ipynb #f1acc7af
@@ -224,35 +266,35 @@ def set_ids(items: dict, captions: list, lost: set) -> dict:
     return dict(items, image_ids=[keep[i] for i in items['image_ids']], text_ids=[text_ids[t] for t in items['text_ids']],
                 text_image=[keep[i] for i in items['text_image']])
 
-def retrieval_eval(model, dataset, tokenizer=None, transform: Callable | None = None, batch_size: int = 256, device=None,
-                   workers: int = 0, ks: Sequence[int] = (1, 5, 10), chunk_size: int | None = None,
-                   progress: bool = False, per_item: bool = False) -> dict:
-    "Image<->text recall@k of `model` on a `RetrievalSet` (one list of captions per image; `per_item`: each rank, ids in the set)."
+def retrieval_eval(model, dataset, options: EvalOptions | None = None, *, ks: Sequence[int] = (1, 5, 10), chunk_size: int | None = None,
+                   **kw) -> dict:
+    "Image<->text recall@k of `model` on a `RetrievalSet` (one list of captions per image; `kw`: `EvalOptions` fields; `per_item`: each rank, ids in the set)."
     if not any(dataset.captions): raise ValueError(f'retrieval_eval: {dataset!r} has no captions')
-    device, bad = device or model_device(model), []
-    image_emb, _ = extract_features(model, dataset, transform, batch_size, device, workers, normalize=True, progress=progress, skipped=bad)
+    o, bad = eval_options(options, **kw), []
+    o = replace(o, device=o.device_for(model))
+    image_emb, _ = extract_features(model, dataset, o, normalize=True, skipped=bad)
     lost = set(bad)
     kept = [caps for i, caps in enumerate(dataset.captions) if i not in lost]        # an unreadable image's captions go with it
     texts = [c for caps in kept for c in caps]
     text_to_image = torch.tensor([i for i, caps in enumerate(kept) for _ in caps], dtype=torch.long)
-    text_emb = encode_texts(model, texts, tokenizer, device, batch_size, normalize=True, progress=progress)
-    out = retrieval_metrics(image_emb, text_emb, text_to_image, ks, chunk_size, per_item) | ({'skipped_images': len(bad)} if bad else {})
-    if per_item: out['per_item'] = set_ids(out['per_item'], dataset.captions, lost)
+    text_emb = encode_texts(model, texts, o, normalize=True)
+    out = retrieval_metrics(image_emb, text_emb, text_to_image, ks, chunk_size, o.per_item) | ({'skipped_images': len(bad)} if bad else {})
+    if o.per_item: out['per_item'] = set_ids(out['per_item'], dataset.captions, lost)
     return out
 
 # %% ../nbs/08_evaluation.ipynb #d087ffd2
-def filip_class_embeddings(model, classnames: Sequence[str], templates: Sequence[str] | str, tokenizer=None, device=None,
-                           batch_size: int = 256, padding: bool | None = None, progress: bool = False):
-    "FILIP class token matrices: prompt-mean of normalised tokens over Frobenius norm -> ([C, L, d], valid [C, L])."
-    templates, tokenizer = load_templates(templates), resolve_tokenizer(model, tokenizer)
-    device = device or model_device(model)
+def filip_class_embeddings(model, classnames: Sequence[str], templates: Sequence[str] | str, options: EvalOptions | None = None, *,
+                           padding: bool | None = None, **kw):
+    "FILIP class token matrices: prompt-mean of normalised tokens over Frobenius norm -> ([C, L, d], valid [C, L]) (`kw`: `EvalOptions` fields)."
+    o = eval_options(options, **kw)
+    templates, tokenizer, device, bs = load_templates(templates), resolve_tokenizer(model, o.tokenizer), o.device_for(model), o.batch_size
     if not len(classnames): raise ValueError('filip_class_embeddings: no classnames')
     padding = getattr(model.cfg, 'filip_padding', True) if padding is None else padding
     prompts = [(c, t.replace('{}', name)) for c, name in enumerate(classnames) for t in templates]
     total = count = None
     with eval_mode(model):
-        for i in tqdm(range(0, len(prompts), batch_size), disable=not progress, leave=False, desc='class prompts'):
-            chunk = prompts[i:i + batch_size]
+        for i in tqdm(range(0, len(prompts), bs), disable=not o.progress, leave=False, desc='class prompts'):
+            chunk = prompts[i:i + bs]
             tokens, valid = model.encode_text_dense(tokenizer([t for _, t in chunk]).to(device))
             keep = torch.ones_like(valid) if padding else valid
             if total is None:
@@ -276,29 +318,28 @@ def filip_scores(image_tokens: torch.Tensor, class_tokens: torch.Tensor, class_v
         out.append(sim.max(-1).values.mean(1))
     return torch.cat(out, 1)
 
-def filip_zero_shot_eval(model, dataset, tokenizer=None, transform: Callable | None = None, batch_size: int = 256,
-                         device=None, workers: int = 0, templates: Sequence[str] | str | None = None,
-                         padding: bool | None = None, return_predictions: bool = False, progress: bool = False,
-                         per_item: bool = False) -> dict:
-    "FILIP's official token-wise zero-shot top-1 / top-5 / mean per-class recall on a `ClassificationSet`."
+def filip_zero_shot_eval(model, dataset, options: EvalOptions | None = None, *, templates: Sequence[str] | str | None = None,
+                         padding: bool | None = None, **kw) -> dict:
+    "FILIP's official token-wise zero-shot top-1 / top-5 / mean per-class recall on a `ClassificationSet` (`kw`: `EvalOptions` fields)."
+    o = eval_options(options, **kw)
     templates = templates if templates is not None else getattr(dataset, 'templates', None)
     if not templates: raise ValueError(f'filip_zero_shot_eval: {dataset!r} has no templates; pass templates= (e.g. "simple")')
     if not hasattr(model, 'image_mapping'):
         raise ValueError('filip_zero_shot_eval: the model has no FILIP token heads (image_mapping/text_mapping); '
                          'it needs a model trained with filip=True (presets filip, defilip)')
-    device, transform = device or model_device(model), resolve_transform(model, transform)
-    class_tokens, class_valid = filip_class_embeddings(model, dataset.classnames, templates, tokenizer, device, batch_size, padding, progress)
+    device, transform = o.device_for(model), resolve_transform(model, o.transform)
+    class_tokens, class_valid = filip_class_embeddings(model, dataset.classnames, templates, replace(o, device=device), padding=padding)
     logits, labels, bad = [], [], []
     with eval_mode(model):
-        for images, y in tqdm(image_batches(dataset, transform, batch_size, workers, bad), disable=not progress, leave=False, desc='images',
-                            total=-(-len(dataset) // batch_size)):
+        for images, y in tqdm(image_batches(dataset, transform, o.batch_size, o.workers, bad), disable=not o.progress, leave=False,
+                              desc='images', total=-(-len(dataset) // o.batch_size)):
             v = model.encode_image_dense(images.to(device)).float()
             logits.append(filip_scores(v, class_tokens, None if class_valid.all() else class_valid).cpu()); labels.append(y)
     if not logits: raise ValueError(f'filip_zero_shot_eval: dataset {dataset!r} is empty')
     logits, labels = torch.cat(logits), torch.cat(labels).long()
     metrics = classification_metrics(logits, labels) | ({'skipped_images': len(bad)} if bad else {})
-    if return_predictions: metrics.update(predictions=logits.argmax(1), labels=labels, logits=logits)
-    if per_item: metrics['per_item'] = classification_items(logits, labels, [i for i in range(len(dataset)) if i not in set(bad)])
+    if o.return_predictions: metrics.update(predictions=logits.argmax(1), labels=labels, logits=logits)
+    if o.per_item: metrics['per_item'] = classification_items(logits, labels, [i for i in range(len(dataset)) if i not in set(bad)])
     return metrics
 
 # %% ../nbs/08_evaluation.ipynb #d56ad32f
@@ -338,31 +379,31 @@ def filip_similarity(image_tokens: torch.Tensor, text_tokens: torch.Tensor, text
         t2i.append(((per_token * ok[None]).sum(-1) / ok.sum(-1).clamp(min=1)[None]).T)
     return torch.cat(i2t, 1), torch.cat(t2i, 0)
 
-def filip_retrieval_eval(model, dataset, tokenizer=None, transform: Callable | None = None, batch_size: int = 256,
-                         device=None, workers: int = 0, ks: Sequence[int] = (1, 5, 10), padding: bool | None = None,
-                         progress: bool = False, per_item: bool = False) -> dict:
-    "Image<->text recall@k of a FILIP model with token-wise (late-interaction) similarity on a `RetrievalSet`; unreadable images left out and counted."
+def filip_retrieval_eval(model, dataset, options: EvalOptions | None = None, *, ks: Sequence[int] = (1, 5, 10), padding: bool | None = None,
+                         **kw) -> dict:
+    "Image<->text recall@k of a FILIP model with token-wise (late-interaction) similarity on a `RetrievalSet`; unreadable images left out and counted (`kw`: `EvalOptions` fields)."
     if not any(dataset.captions): raise ValueError(f'filip_retrieval_eval: {dataset!r} has no captions')
-    device, transform, tokenizer = device or model_device(model), resolve_transform(model, transform), resolve_tokenizer(model, tokenizer)
+    o = eval_options(options, **kw)
+    device, transform, tokenizer, bs = o.device_for(model), resolve_transform(model, o.transform), resolve_tokenizer(model, o.tokenizer), o.batch_size
     padding = getattr(model.cfg, 'filip_padding', True) if padding is None else padding
     bad = []                                                  # unreadable images: left out (with their captions) and counted
     with eval_mode(model):
         v = [model.encode_image_dense(x.to(device)).float().cpu()
-             for x, _ in tqdm(image_batches(dataset, transform, batch_size, workers, bad), disable=not progress, leave=False, desc='images',
-                            total=-(-len(dataset) // batch_size))]
+             for x, _ in tqdm(image_batches(dataset, transform, bs, o.workers, bad), disable=not o.progress, leave=False, desc='images',
+                              total=-(-len(dataset) // bs))]
         lost = set(bad)
         kept = [caps for i, caps in enumerate(dataset.captions) if i not in lost]
         texts = [c for caps in kept for c in caps]
         if not texts: raise ValueError(f'filip_retrieval_eval: no readable image of {dataset!r} has a caption ({len(bad)} unreadable images)')
         v, text_to_image = torch.cat(v), torch.tensor([i for i, caps in enumerate(kept) for _ in caps], dtype=torch.long)
         ws, oks = [], []
-        for i in range(0, len(texts), batch_size):
-            w, ok = model.encode_text_dense(tokenizer(texts[i:i + batch_size]).to(device))
+        for i in range(0, len(texts), bs):
+            w, ok = model.encode_text_dense(tokenizer(texts[i:i + bs]).to(device))
             ws.append(w.float().cpu()); oks.append(ok.cpu())
     w, ok = torch.cat(ws), torch.cat(oks)
     i2t, t2i = filip_similarity(v, w, None if padding else ok)
-    out = recall_from_scores(i2t, t2i, text_to_image, ks, per_item) | ({'skipped_images': len(bad)} if bad else {})
-    if per_item: out['per_item'] = set_ids(out['per_item'], dataset.captions, lost)
+    out = recall_from_scores(i2t, t2i, text_to_image, ks, o.per_item) | ({'skipped_images': len(bad)} if bad else {})
+    if o.per_item: out['per_item'] = set_ids(out['per_item'], dataset.captions, lost)
     return out
 
 # %% ../nbs/08_evaluation.ipynb #1bcda346
@@ -395,43 +436,45 @@ def stratified_split(y: torch.Tensor, fraction: float, seed: int):
         val.append(idx[:n_val]); train.append(idx[n_val:])
     return torch.cat(train).sort().values, torch.cat(val).sort().values
 
+def _sweep_l2(x, y, num_classes: int, grid: list, o: EvalOptions) -> tuple:
+    "(best L2, its validation top-1, [(l2, top-1)]) over `grid` (strong -> weak, warm-started) on a stratified validation split; one value: no split."
+    if len(grid) == 1: return grid[0], None, []
+    if not 0 < o.probe_val_fraction < 1:
+        raise ValueError(f'linear_probe: probe_val_fraction must be in (0, 1) to sweep {len(grid)} L2 values, got {o.probe_val_fraction}')
+    tr, va = stratified_split(y.cpu(), o.probe_val_fraction, o.probe_seed)
+    if not len(va): raise ValueError('linear_probe: no class has two training samples, so there is no validation split; pass one probe_l2_grid value')
+    init, sweep = None, []
+    for l2 in grid:
+        init = fit_logistic_regression(x[tr], y[tr], num_classes, l2, o.probe_max_iter, init)
+        sweep.append((l2, ((x[va] @ init[0] + init[1]).argmax(1) == y[va]).float().mean().item()))
+    best_l2, val_top1 = max(sweep, key=lambda s: s[1])  # max() keeps the first, i.e. strongest, of equals
+    return best_l2, val_top1, sweep
+
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                 val_fraction: float = 0.2, l2_grid: Sequence[float] | None = None, max_iter: int = 1000,
-                 seed: int = 0, per_item: bool = False) -> dict:
-    "Logistic-regression probe: sweep L2 on a validation split, refit on train+val, score test -> dict(top1, best_l2, ...); `per_item`: each test item's true class and top-5."
+                 options: EvalOptions | None = None, **kw) -> dict:
+    "Logistic-regression probe: sweep L2 on a validation split, refit on train+val, score test -> dict(top1, best_l2, ...); `kw`: `EvalOptions`' probe_* fields and `per_item` (each test item's true class and top-5)."
+    o = eval_options(options, **kw)
     train_x, test_x = train_x.double(), test_x.double().to(train_x.device)
     train_y, test_y = torch.as_tensor(train_y).long().to(train_x.device), torch.as_tensor(test_y).long().to(train_x.device)
     if len(train_x) != len(train_y) or len(test_x) != len(test_y) or train_x.shape[1:] != test_x.shape[1:] or train_x.ndim != 2:
         raise ValueError(f'linear_probe: features {tuple(train_x.shape)}/{tuple(test_x.shape)} and labels '
                          f'{tuple(train_y.shape)}/{tuple(test_y.shape)} must be [N, D] and [N] with the same D')
     num_classes = int(max(train_y.max(), test_y.max())) + 1
-    grid = sorted(DEFAULT_L2_GRID if l2_grid is None else [float(v) for v in l2_grid], reverse=True)
-    sweep = []
-    if len(grid) > 1:
-        if not 0 < val_fraction < 1: raise ValueError(f'linear_probe: val_fraction must be in (0, 1) to sweep {len(grid)} L2 values, got {val_fraction}')
-        tr, va = stratified_split(train_y.cpu(), val_fraction, seed)
-        if not len(va): raise ValueError('linear_probe: no class has two training samples, so there is no validation split; pass one l2_grid value')
-        init = None
-        for l2 in grid:                                    # strong -> weak regularisation, warm-started
-            init = fit_logistic_regression(train_x[tr], train_y[tr], num_classes, l2, max_iter, init)
-            acc = ((train_x[va] @ init[0] + init[1]).argmax(1) == train_y[va]).float().mean().item()
-            sweep.append((l2, acc))
-        best_l2, val_top1 = max(sweep, key=lambda s: s[1])  # max() keeps the first, i.e. strongest, of equals
-    else: best_l2, val_top1 = grid[0], None
-    W, b = fit_logistic_regression(train_x, train_y, num_classes, best_l2, max_iter)
+    grid = sorted(DEFAULT_L2_GRID if o.probe_l2_grid is None else [float(v) for v in o.probe_l2_grid], reverse=True)
+    best_l2, val_top1, sweep = _sweep_l2(train_x, train_y, num_classes, grid, o)
+    W, b = fit_logistic_regression(train_x, train_y, num_classes, best_l2, o.probe_max_iter)
     logits = test_x @ W + b
     metrics = classification_metrics(logits, test_y)
-    items = {'per_item': classification_items(logits, test_y, range(len(test_y)))} if per_item else {}
+    items = {'per_item': classification_items(logits, test_y, range(len(test_y)))} if o.per_item else {}
     return dict(metrics, best_l2=best_l2, val_top1=val_top1, sweep=sweep, num_classes=num_classes, **items)
 
 # %% ../nbs/08_evaluation.ipynb #d1503643
-def linear_probe_eval(model, train_set, test_set, transform: Callable | None = None, batch_size: int = 256, device=None,
-                      workers: int = 0, normalize: bool = True, progress: bool = False, **probe_kwargs) -> dict:
-    "Embed `train_set` and `test_set` with the frozen `model`, then run `linear_probe` on the features; unreadable images are left out and counted (`skipped_images`)."
-    bad_train, bad_test = [], []
-    train_x, train_y = extract_features(model, train_set, transform, batch_size, device, workers, normalize, progress, skipped=bad_train)
-    test_x, test_y = extract_features(model, test_set, transform, batch_size, device, workers, normalize, progress, skipped=bad_test)
-    res = linear_probe(train_x, train_y, test_x, test_y, **probe_kwargs)
+def linear_probe_eval(model, train_set, test_set, options: EvalOptions | None = None, *, normalize: bool = True, **kw) -> dict:
+    "Embed `train_set` and `test_set` with the frozen `model`, then run `linear_probe` on the features (`kw`: `EvalOptions` fields); unreadable images are left out and counted (`skipped_images`)."
+    o, bad_train, bad_test = eval_options(options, **kw), [], []
+    train_x, train_y = extract_features(model, train_set, o, normalize=normalize, skipped=bad_train)
+    test_x, test_y = extract_features(model, test_set, o, normalize=normalize, skipped=bad_test)
+    res = linear_probe(train_x, train_y, test_x, test_y, o)
     if 'per_item' in res and bad_test:                   # ids are positions in the test set: skip the unreadable ones
         kept = [i for i in range(len(test_set)) if i not in set(bad_test)]
         res['per_item']['ids'] = [kept[i] for i in res['per_item']['ids']]
@@ -479,10 +522,10 @@ def open_probe_dataset(name: str, root: str | os.PathLike, train: bool):
         raise FileNotFoundError(f"linear-probe dataset {name!r}: not found or incomplete under {str(root)!r} "
                                 f'(torchvision says: {e}); download it there first (evaluation never downloads)') from None
 
-def linear_probe_torchvision(model, name: str, root: str | os.PathLike, transform: Callable | None = None, **kwargs) -> dict:
-    "Linear probe on torchvision set `name` already on disk under `root` (kwargs go to `linear_probe_eval`)."
+def linear_probe_torchvision(model, name: str, root: str | os.PathLike, options: EvalOptions | None = None, **kw) -> dict:
+    "Linear probe on torchvision set `name` already on disk under `root` (`kw`: `EvalOptions` fields, as `linear_probe_eval` takes them)."
     train_set, test_set = open_probe_dataset(name, root, True), open_probe_dataset(name, root, False)
-    return dict(linear_probe_eval(model, train_set, test_set, transform, **kwargs), dataset=name)
+    return dict(linear_probe_eval(model, train_set, test_set, options, **kw), dataset=name)
 
 # %% ../nbs/08_evaluation.ipynb #40337127
 def split_named_entry(entry: str, sep: str) -> tuple[str | None, str, str | None]:
@@ -519,8 +562,6 @@ def open_eval_sets(eval_data, image_size: int | None) -> dict:
     return sets
 
 # %% ../nbs/08_evaluation.ipynb #13181cfa
-SCORINGS = ('auto', 'global', 'filip')
-
 def zero_shot_scoring(model, method: str | None = None) -> str:
     "The scoring of the model's method record (`models.METHODS`): 'filip' for FILIP (token-wise, reference 5.3), else 'global'."
     c = getattr(model, 'cfg', None)
@@ -528,25 +569,20 @@ def zero_shot_scoring(model, method: str | None = None) -> str:
     method = method or (getattr(model, 'checkpoint_info', None) or {}).get('method') or getattr(c, 'method', None)
     return METHODS[method].scoring if method in METHODS else 'global'
 
-def evaluate_sets(model, sets, device=None, precision: str = 'fp32', batch_size: int = 256, scoring: str = 'auto',
-                  workers: int = 0, tokenizer=None, transform: Callable | None = None, return_predictions: bool = False,
-                  progress: bool = False, per_item: bool = False) -> dict:
-    "Zero-shot / retrieval metrics of `model` on every set of `sets` (as `open_eval_sets` takes them): {name: {metric: float}} (`per_item`: and its per-item outputs under 'per_item')."
-    if scoring not in SCORINGS: raise ValueError(f'scoring={scoring!r}: expected one of {SCORINGS}')
-    if precision not in PRECISIONS: raise ValueError(f'precision={precision!r}: expected one of {PRECISIONS}')
+def evaluate_sets(model, sets, options: EvalOptions | None = None, **kw) -> dict:
+    "Zero-shot / retrieval metrics of `model` on every set of `sets` (as `open_eval_sets` takes them): {name: {metric: float}} (`kw`: `EvalOptions` fields; `per_item`: and its per-item outputs under 'per_item')."
+    o = eval_options(options, **kw)
     sets = open_eval_sets(sets, getattr(model, 'image_size', None))
-    device = torch.device(device) if device is not None else model_device(model)
-    use_filip = scoring == 'filip' or (scoring == 'auto' and zero_shot_scoring(model) == 'filip')
-    kw = dict(batch_size=batch_size, device=device, workers=workers, progress=progress, per_item=per_item)
+    o = replace(o, device=o.device_for(model))
+    use_filip = o.scoring == 'filip' or (o.scoring == 'auto' and zero_shot_scoring(model) == 'filip')
     results = {}
     for name, ds in sets.items():
-        with autocast(device, precision):
-            if isinstance(ds, RetrievalSet): r = (filip_retrieval_eval if use_filip else retrieval_eval)(model, ds, tokenizer, transform, **kw)
-            else: r = (filip_zero_shot_eval if use_filip else zero_shot_eval)(model, ds, tokenizer, transform,
-                                                                               return_predictions=return_predictions, **kw)
+        with autocast(o.device, o.precision):
+            if isinstance(ds, RetrievalSet): r = (filip_retrieval_eval if use_filip else retrieval_eval)(model, ds, options=o)
+            else: r = (filip_zero_shot_eval if use_filip else zero_shot_eval)(model, ds, options=o)
         results[name] = {k: float(v) for k, v in r.items() if not torch.is_tensor(v) and k != 'per_item'}
-        if per_item: results[name]['per_item'] = r['per_item']
-        if return_predictions: results[name].update({k: r[k] for k in ('predictions', 'labels') if k in r})
+        if o.per_item: results[name]['per_item'] = r['per_item']
+        if o.return_predictions: results[name].update({k: r[k] for k in ('predictions', 'labels') if k in r})
     return results
 
 # %% ../nbs/08_evaluation.ipynb #dd5e68ed

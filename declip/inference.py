@@ -5,7 +5,7 @@
 # %% ../nbs/10_inference.ipynb #681be8e6
 from __future__ import annotations
 import math, os, textwrap, warnings
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Sequence
 import torch, torch.nn.functional as F
@@ -13,8 +13,8 @@ import torch, torch.nn.functional as F
 from .models import DeCLIP, ModelConfig, ALIASES, RETIRED_FIELDS
 from .transforms import eval_transform
 from .device import PRECISIONS, autocast
-from .evaluation import (SCORINGS, open_eval_sets, evaluate_sets, zero_shot_scoring, filip_similarity, linear_probe_eval,
-                               encode_texts, eval_mode, model_device, resolve_transform, resolve_tokenizer)
+from .evaluation import (EvalOptions, eval_options, open_eval_sets, evaluate_sets, zero_shot_scoring, filip_similarity,
+                               linear_probe_eval, encode_texts, eval_mode, resolve_transform, resolve_tokenizer)
 from .runs import load_checkpoint_file, WEIGHTS_FORMAT
 from .transfer import open_probe_sets
 
@@ -75,34 +75,26 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = 'cpu',
     return model, model.tokenizer, eval_transform(model.image_size)
 
 # %% ../nbs/10_inference.ipynb #83b72515
-def evaluate(model_or_checkpoint, eval_data=None, probe_data=None, device=None, batch_size: int = 256, workers: int = 0,
-             scoring: str = 'auto', precision: str = 'fp32', probe_test_fraction: float = 0.5,
-             probe_l2_grid: Sequence[float] | None = None, probe_val_fraction: float = 0.2, probe_max_iter: int = 1000,
-             probe_seed: int = 0, return_predictions: bool = False, progress: bool = False, per_item: bool = False) -> dict:
-    "Zero-shot, retrieval and linear-probe metrics of a model or checkpoint: {set name: {metric: value}}."
-    if scoring not in SCORINGS: raise ValueError(f'scoring={scoring!r}: expected one of {SCORINGS}')
-    if precision not in PRECISIONS: raise ValueError(f'precision={precision!r}: expected one of {PRECISIONS}')
+def evaluate(model_or_checkpoint, eval_data=None, probe_data=None, options: EvalOptions | None = None, **kw) -> dict:
+    "Zero-shot, retrieval and linear-probe metrics of a model or checkpoint: {set name: {metric: value}} (`kw`: `evaluation.EvalOptions` fields)."
+    o = eval_options(options, **kw)
     if isinstance(model_or_checkpoint, (str, os.PathLike)):
-        model = load_checkpoint(model_or_checkpoint, device or 'cpu')[0]
-    else: model = model_or_checkpoint.to(device) if device is not None else model_or_checkpoint
-    device = torch.device(device) if device is not None else model_device(model)
+        model = load_checkpoint(model_or_checkpoint, o.device or 'cpu')[0]
+    else: model = model_or_checkpoint.to(o.device) if o.device is not None else model_or_checkpoint
+    o = replace(o, device=o.device_for(model))
     if eval_data is None: eval_data = ((getattr(model, 'checkpoint_info', None) or {}).get('config') or {}).get('eval_data')
     if not eval_data and not probe_data:
         raise ValueError('evaluate: nothing to evaluate; pass eval_data (e.g. "synthetic" or "name=imagefolder:PATH") and/or probe_data')
     image_size = getattr(model, 'image_size', None)
     eval_sets = open_eval_sets(eval_data, image_size) if eval_data else {}
-    probe_sets = open_probe_sets(probe_data, image_size, probe_test_fraction, probe_seed) if probe_data else {}
-    results = evaluate_sets(model, eval_sets, device, precision, batch_size, scoring, workers,
-                            return_predictions=return_predictions, progress=progress, per_item=per_item)
-    tf = eval_transform(image_size) if image_size else None
+    probe_sets = open_probe_sets(probe_data, image_size, o.probe_test_fraction, o.probe_seed) if probe_data else {}
+    results = evaluate_sets(model, eval_sets, o)
+    probe_options = replace(o, transform=eval_transform(image_size) if image_size else None)
     for name, (train_set, test_set) in probe_sets.items():
-        with autocast(device, precision):
-            r = linear_probe_eval(model, train_set, test_set, tf, batch_size=batch_size, device=device, workers=workers,
-                                  progress=progress, val_fraction=probe_val_fraction, l2_grid=probe_l2_grid,
-                                  max_iter=probe_max_iter, seed=probe_seed, per_item=per_item)
+        with autocast(o.device, o.precision): r = linear_probe_eval(model, train_set, test_set, probe_options)
         results[f'probe.{name}'] = {k: float(v) for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         results[f'probe.{name}'].update(train_images=float(len(train_set)), test_images=float(len(test_set)))
-        if per_item: results[f'probe.{name}']['per_item'] = r['per_item']
+        if o.per_item: results[f'probe.{name}']['per_item'] = r['per_item']
     return results
 
 # %% ../nbs/10_inference.ipynb #09463685
@@ -123,8 +115,8 @@ def queue_neighbours(model, captions: Sequence[str], candidates: Sequence[str], 
     if not len(captions) or not len(candidates): raise ValueError('queue_neighbours: captions and candidates must not be empty')
     queue = F.normalize(q.queue.detach().float().cpu(), dim=-1)
     filled = int(q.filled)
-    emb = encode_texts(model, captions, tokenizer, batch_size=batch_size)
-    cand = encode_texts(model, candidates, tokenizer, batch_size=batch_size)
+    emb = encode_texts(model, captions, tokenizer=tokenizer, batch_size=batch_size)
+    cand = encode_texts(model, candidates, tokenizer=tokenizer, batch_size=batch_size)
     sim = emb @ queue.T
     if not q.random_init: sim[:, filled:] = -math.inf
     top = sim.topk(min(k, filled if not q.random_init else len(queue)), dim=1)
@@ -138,22 +130,21 @@ def queue_neighbours(model, captions: Sequence[str], candidates: Sequence[str], 
     return rows
 
 # %% ../nbs/10_inference.ipynb #8fe535cb
-def top_captions(model, images: Sequence, captions: Sequence[str], k: int = 3, tokenizer=None, transform=None,
-                 batch_size: int = 256, scoring: str = 'auto') -> tuple[torch.Tensor, torch.Tensor]:
-    "The k best captions (indices [N, k], scores [N, k]) for each PIL image, by the model's zero-shot scoring."
-    if scoring not in SCORINGS: raise ValueError(f'scoring={scoring!r}: expected one of {SCORINGS}')
-    transform, tokenizer = resolve_transform(model, transform), resolve_tokenizer(model, tokenizer)
-    device = model_device(model)
+def top_captions(model, images: Sequence, captions: Sequence[str], k: int = 3, options: EvalOptions | None = None,
+                 **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    "The k best captions (indices [N, k], scores [N, k]) for each PIL image, by the model's zero-shot scoring (`kw`: `evaluation.EvalOptions` fields: tokenizer, transform, batch_size, scoring)."
+    o = eval_options(options, **kw)
+    transform, tokenizer, device, bs = resolve_transform(model, o.transform), resolve_tokenizer(model, o.tokenizer), o.device_for(model), o.batch_size
     x = torch.stack([transform(im.convert('RGB') if hasattr(im, 'convert') else im) for im in images])
-    if scoring == 'filip' or (scoring == 'auto' and zero_shot_scoring(model) == 'filip'):
+    if o.scoring == 'filip' or (o.scoring == 'auto' and zero_shot_scoring(model) == 'filip'):
         with eval_mode(model):
             v = model.encode_image_dense(x.to(device)).float().cpu()
-            parts = [model.encode_text_dense(tokenizer(list(captions[i:i + batch_size])).to(device)) for i in range(0, len(captions), batch_size)]
+            parts = [model.encode_text_dense(tokenizer(list(captions[i:i + bs])).to(device)) for i in range(0, len(captions), bs)]
         w, ok = torch.cat([p[0].float().cpu() for p in parts]), torch.cat([p[1].cpu() for p in parts])
         scores = filip_similarity(v, w, None if getattr(model.cfg, 'filip_padding', True) else ok)[0]
     else:
         with eval_mode(model): img = F.normalize(model.encode_image(x.to(device)).float(), dim=-1).cpu()
-        scores = img @ encode_texts(model, captions, tokenizer, batch_size=batch_size).T
+        scores = img @ encode_texts(model, captions, replace(o, device=device)).T
     top = scores.topk(min(k, len(captions)), dim=1)
     return top.indices, top.values
 

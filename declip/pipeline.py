@@ -8,7 +8,7 @@ import hashlib, inspect, json, math, os, random, re, signal, types, warnings
 import multiprocessing as mp
 from multiprocessing.context import get_spawning_popen
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable, NamedTuple
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ __all__ = ['SOURCES', 'VIEW_DEVICES', 'REPLACE_TRIES', 'STOP_SIGNALS', 'HOLDOUT_
            'HOLDOUT_MIN_IMAGES', 'Source', 'register_source', 'DataSpec', 'parse_data_spec', 'ClassCaptionData',
            'open_train_data', 'open_eval_data', 'default_eval_data', 'Skipped', 'key_to_index', 'sample_seeds',
            'shuffle_seed', 'resolve_view_device', 'draft_jpeg', 'SamplePipeline', 'replacement_indices', 'TrainData',
-           'TrainStream', 'collate', 'finish_batch', 'EpochSampler', 'TrainLoader', 'reader_defaults',
+           'TrainStream', 'collate', 'finish_batch', 'LoaderOptions', 'EpochSampler', 'TrainLoader', 'reader_defaults',
            'ignore_stop_signals', 'make_train_loader', 'EvalImages', 'make_eval_loader', 'holdout_size', 'spec_with',
            'DataPlan', 'default_data']
 
@@ -298,26 +298,37 @@ def draft_jpeg(image, drawn: list[dict], image_size: int):
         return dict(d, crop=(min(round(top * h2 / H), h2 - h), min(round(left * w2 / W), w2 - w), h, w))
     return image, [shrink(d) for d in drawn]
 
+@dataclass(eq=False)
 class SamplePipeline:
-    "One `(image, caption)` -> views, tokens, EDA tokens, MLM tokens; randomness from `(seed, epoch, index)` only."
-    def __init__(self, image_views=('mocov2', 'mocov2'), image_size: int = 64, text_aug: bool = True, mlm: bool = True,
-                 context_length: int = 77, seed: int = 0, mean=IMAGENET_MEAN, std=IMAGENET_STD, mlm_prob: float = 0.15,
-                 eda: EDA | None = None, tokenizer=None, view_device: str = 'worker', jpeg_draft: bool = True,
-                 decode_device: str = 'worker'):
-        image_views = (image_views,) if isinstance(image_views, str) else tuple(image_views)
+    "One `(image, caption)` -> views, tokens, EDA tokens, MLM tokens; randomness from `(seed, epoch, index)` only. Its options are its fields."
+    image_views: tuple = ('mocov2', 'mocov2')    # one image view per entry, each one of `VIEW_KINDS` (a string: one view)
+    image_size: int = 64
+    text_aug: bool = True                         # an EDA-augmented second caption, `text_aug`
+    mlm: bool = True                              # masked caption tokens and their labels, `text_mlm` / `mlm_labels`
+    context_length: int = 77
+    seed: int = 0                                 # with (epoch, index): every random draw of a sample
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+    mlm_prob: float = 0.15
+    eda: EDA | None = None                        # None: `EDA()` (when text_aug)
+    tokenizer: object = None                      # None: the BPE tokenizer at `context_length`
+    view_device: str = 'worker'                   # where views are finished, one of `VIEW_DEVICES`
+    jpeg_draft: bool = True                       # decode JPEGs at a reduced scale where the crops allow
+    decode_device: str = 'worker'                 # where JPEGs are decoded, one of `VIEW_DEVICES`
+
+    def __post_init__(self):
+        image_views = (self.image_views,) if isinstance(self.image_views, str) else tuple(self.image_views)
         bad = [k for k in image_views if k not in VIEW_KINDS]
-        if not image_views or bad: raise ValueError(f'image_views must be a non-empty sequence of {VIEW_KINDS}, got {image_views!r}')
-        if int(seed) < 0: raise ValueError(f'seed must be >= 0, got {seed}')
-        if view_device not in VIEW_DEVICES: raise ValueError(f'view_device must be one of {VIEW_DEVICES}, got {view_device!r}')
-        if decode_device not in VIEW_DEVICES: raise ValueError(f'decode_device must be one of {VIEW_DEVICES}, got {decode_device!r}')
-        resolve_view_device(view_device, 'cpu', decode_device)            # the rule between the two
-        self.image_views, self.image_size, self.text_aug, self.mlm = image_views, image_size, bool(text_aug), bool(mlm)
-        self.context_length, self.seed, self.mlm_prob = context_length, int(seed), mlm_prob
-        self.views = [view_transform(k, image_size, mean, std) for k in image_views]
-        self.mean, self.std, self.view_device, self.jpeg_draft = tuple(mean), tuple(std), view_device, bool(jpeg_draft)
-        self.decode_device = decode_device
-        self.tokenizer = tokenizer or get_tokenizer(context_length)
-        self.eda = (eda or EDA()) if self.text_aug else None
+        if not image_views or bad: raise ValueError(f'image_views must be a non-empty sequence of {VIEW_KINDS}, got {self.image_views!r}')
+        if int(self.seed) < 0: raise ValueError(f'seed must be >= 0, got {self.seed}')
+        if self.view_device not in VIEW_DEVICES: raise ValueError(f'view_device must be one of {VIEW_DEVICES}, got {self.view_device!r}')
+        if self.decode_device not in VIEW_DEVICES: raise ValueError(f'decode_device must be one of {VIEW_DEVICES}, got {self.decode_device!r}')
+        resolve_view_device(self.view_device, 'cpu', self.decode_device)            # the rule between the two
+        self.image_views, self.text_aug, self.mlm, self.seed = image_views, bool(self.text_aug), bool(self.mlm), int(self.seed)
+        self.mean, self.std, self.jpeg_draft = tuple(self.mean), tuple(self.std), bool(self.jpeg_draft)
+        self.views = [view_transform(k, self.image_size, self.mean, self.std) for k in image_views]
+        self.tokenizer = self.tokenizer or get_tokenizer(self.context_length)
+        self.eda = (self.eda or EDA()) if self.text_aug else None
 
     def random_streams(self, index: int, epoch: int) -> tuple[torch.Generator, torch.Generator, random.Random]:
         "(image-view generator, MLM generator, EDA random.Random) of sample `index` in `epoch`."
@@ -494,14 +505,38 @@ def finish_batch(batch: dict, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> dict:
 
 
 # %% ../nbs/04_pipeline.ipynb #deb2e69e
+def _check_int_arg(name, value, low):
+    "Refuse `value` (named `name`) unless it is an integer >= `low`."
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f'{name} must be an integer >= {low}, got {value!r}')
+
+@dataclass
+class LoaderOptions:
+    "How a train loader reads: `make_train_loader`'s options besides the data, the batch size and the `SamplePipeline`'s."
+    workers: int = 0                    # DataLoader worker processes (the batches are the same for any number)
+    seed: int = 0                       # the shuffle, the workers' seeds and the sample pipeline's draws
+    epoch: int = 0
+    rank: int = 0                       # this process's part of the data, of `world_size`
+    world_size: int = 1
+    start_batch: int = 0                # the batch (of this rank) to start from: a resumed run's place in its epoch
+    drop_last: bool = True
+    shuffle: bool = True
+    replace_bad: bool = True            # a map-style reader's unreadable sample is replaced by another (counted), as `TrainData` does
+    pin_memory: bool | None = None      # None: when CUDA is available
+    prefetch_factor: int | None = None
+
+    def __post_init__(self):
+        for name, low in (('workers', 0), ('seed', 0), ('epoch', 0), ('world_size', 1), ('start_batch', 0)):
+            _check_int_arg(name, getattr(self, name), low)
+        if not 0 <= self.rank < self.world_size: raise ValueError(f'rank must be in [0, world_size={self.world_size}), got {self.rank!r}')
+
 class EpochSampler(Sampler):
-    "Deterministic per-epoch shuffle from `(seed, epoch)`, split across ranks, starting at batch `start_batch`."
-    def __init__(self, size: int, batch_size: int, seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True, start_batch: int = 0):
-        if not 0 <= rank < world_size: raise ValueError(f'rank must be in [0, world_size={world_size}), got {rank}')
-        if size < world_size: raise ValueError(f'{size} samples cannot be split across world_size={world_size} ranks')
-        self.size, self.batch_size, self.seed, self.rank, self.world_size, self.shuffle = size, batch_size, seed, rank, world_size, shuffle
-        self.set_epoch(epoch, start_batch)
+    "Deterministic per-epoch shuffle from `(seed, epoch)`, split across ranks, starting at batch `start_batch` (`kw`: `LoaderOptions` fields)."
+    def __init__(self, size: int, batch_size: int, options: LoaderOptions | None = None, **kw):
+        o = replace(options or LoaderOptions(), **kw)     # its seed, epoch, rank, world_size, shuffle and start_batch
+        if size < o.world_size: raise ValueError(f'{size} samples cannot be split across world_size={o.world_size} ranks')
+        self.size, self.batch_size, self.seed, self.rank, self.world_size, self.shuffle = size, batch_size, o.seed, o.rank, o.world_size, o.shuffle
+        self.set_epoch(o.epoch, o.start_batch)
 
     def set_epoch(self, epoch: int, start_batch: int = 0):
         "Select the epoch (its shuffle) and the batch to start from."
@@ -542,10 +577,6 @@ class TrainLoader(DataLoader):
     def epoch(self) -> int:
         return self.dataset.reader.epoch if isinstance(self.dataset, TrainStream) else self.sampler.epoch
 
-def _check_int_arg(name, value, low):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f'{name} must be an integer >= {low}, got {value!r}')
-
 def reader_defaults(spec, image_size: int, rank: int = 0, world_size: int = 1, epoch: int = 0, seed: int = 0) -> dict:
     "What a training reader takes from the run (its source's `run_values`): the image size of synthetic data, the shard split and seed of wds."
     values = dict(image_size=image_size, rank=rank, world_size=world_size, epoch=epoch, seed=seed)
@@ -558,38 +589,34 @@ def ignore_stop_signals(worker_id: int = 0):
     for s in STOP_SIGNALS:
         if s != signal.SIGTERM: signal.signal(s, signal.SIG_IGN)
 
-def make_train_loader(spec: str | DataSpec | Dataset | IterableDataset, batch_size: int, *, workers: int = 0, seed: int = 0,
-                      epoch: int = 0, rank: int = 0, world_size: int = 1, start_batch: int = 0, drop_last: bool = True,
-                      shuffle: bool = True, replace_bad: bool = True, pin_memory: bool | None = None,
-                      prefetch_factor: int | None = None, **pipeline) -> TrainLoader:
-    "A train `DataLoader` over the source `spec` (or a reader it opened), yielding the batch dicts of `collate`; deterministic for any `workers`. `pipeline`: `SamplePipeline`'s options (image_views, image_size, text_aug, mlm, context_length, mlm_prob, view_device, ...), seeded with `seed`."
-    for name, v, low in (('batch_size', batch_size, 1), ('workers', workers, 0), ('seed', seed, 0), ('epoch', epoch, 0),
-                         ('world_size', world_size, 1), ('start_batch', start_batch, 0)):
-        _check_int_arg(name, v, low)
-    if not 0 <= rank < world_size: raise ValueError(f'rank must be in [0, world_size={world_size}), got {rank!r}')
+def make_train_loader(spec: str | DataSpec | Dataset | IterableDataset, batch_size: int, options: LoaderOptions | None = None, **kw) -> TrainLoader:
+    "A train `DataLoader` over the source `spec` (or a reader it opened), yielding the batch dicts of `collate`; deterministic for any `workers`. `kw`: `LoaderOptions` fields (replacing those of `options`) and `SamplePipeline`'s (image_views, image_size, text_aug, mlm, context_length, mlm_prob, view_device, ...), seeded with `seed`."
+    _check_int_arg('batch_size', batch_size, 1)
+    names = {f.name for f in fields(LoaderOptions)}
+    o = replace(options or LoaderOptions(), **{k: v for k, v in kw.items() if k in names})
+    pipeline = SamplePipeline(seed=o.seed, **{k: v for k, v in kw.items() if k not in names})
     if isinstance(spec, (Dataset, IterableDataset)):    # already opened (the trainer opens its data once)
         reader, name = spec, repr(spec)
-        if isinstance(reader, IterableDataset): reader.set_epoch(epoch)
+        if isinstance(reader, IterableDataset): reader.set_epoch(o.epoch)
     else:
         spec = parse_data_spec(spec)
-        size = pipeline.get('image_size', inspect.signature(SamplePipeline).parameters['image_size'].default)
-        reader, name = open_train_data(spec, **reader_defaults(spec, size, rank, world_size, epoch, seed)), spec.spec
-    pipeline = SamplePipeline(seed=seed, **pipeline)
-    loader_args = dict(batch_size=batch_size, drop_last=drop_last, num_workers=workers, collate_fn=collate,
-                       pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-                       prefetch_factor=prefetch_factor if workers > 0 else None, worker_init_fn=ignore_stop_signals if workers > 0 else None,
+        reader = open_train_data(spec, **reader_defaults(spec, pipeline.image_size, o.rank, o.world_size, o.epoch, o.seed))
+        name = spec.spec
+    loader_args = dict(batch_size=batch_size, drop_last=o.drop_last, num_workers=o.workers, collate_fn=collate,
+                       pin_memory=torch.cuda.is_available() if o.pin_memory is None else o.pin_memory,
+                       prefetch_factor=o.prefetch_factor if o.workers > 0 else None, worker_init_fn=ignore_stop_signals if o.workers > 0 else None,
                        # the DataLoader draws its worker base seed from this, not from the global torch RNG
-                       generator=torch.Generator().manual_seed(shuffle_seed(seed, 0)))
+                       generator=torch.Generator().manual_seed(shuffle_seed(o.seed, 0)))
     if isinstance(reader, IterableDataset):
-        dataset = TrainStream(reader, pipeline, batch_size, start_batch, drop_last, workers)
+        dataset = TrainStream(reader, pipeline, batch_size, o.start_batch, o.drop_last, o.workers)
         return TrainLoader(dataset, persistent_workers=False, **loader_args)
-    sampler = EpochSampler(len(reader), batch_size, seed, epoch, rank, world_size, shuffle, start_batch)
-    per_rank = len(reader) // world_size
-    n_batches = per_rank // batch_size if drop_last else math.ceil(per_rank / batch_size)
+    sampler = EpochSampler(len(reader), batch_size, o)
+    per_rank = len(reader) // o.world_size
+    n_batches = per_rank // batch_size if o.drop_last else math.ceil(per_rank / batch_size)
     if n_batches == 0:
         raise ValueError(f'data spec {name!r}: {per_rank} samples per rank give no batch of batch_size={batch_size}')
-    if start_batch > n_batches: raise ValueError(f'start_batch={start_batch} is past the end of the epoch ({n_batches} batches)')
-    return TrainLoader(TrainData(reader, pipeline, epoch, replace_bad), sampler=sampler, persistent_workers=workers > 0, **loader_args)
+    if o.start_batch > n_batches: raise ValueError(f'start_batch={o.start_batch} is past the end of the epoch ({n_batches} batches)')
+    return TrainLoader(TrainData(reader, pipeline, o.epoch, o.replace_bad), sampler=sampler, persistent_workers=o.workers > 0, **loader_args)
 
 # %% ../nbs/04_pipeline.ipynb #9d0dd02a
 class EvalImages(Dataset):

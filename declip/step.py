@@ -4,11 +4,13 @@
 
 # %% auto #0
 __all__ = ['lr_at', 'param_groups', 'make_optimizer', 'clamp_logit_scale', 'concat_batches', 'average_gradients',
-           'cached_backward', 'train_step']
+           'cached_backward', 'StepOptions', 'train_step']
 
 # %% ../nbs/08a_step.ipynb #43b22ba3
 import math
 from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from typing import Callable
 import torch, torch.nn as nn
 import torch.distributed as dist
 from .device import autocast, unwrap, rng_state, set_rng_state, world_info
@@ -109,22 +111,31 @@ def cached_backward(model, batches: list, scaler, precision: str = 'fp32') -> di
 
 
 # %% ../nbs/08a_step.ipynb #0e67a9fa
-def train_step(model, micro_batches, optimizer, lr: float, scaler=None, precision: str = 'fp32', accum_steps: int = 1,
-               logit_scale_clamp: tuple | None = None, fwd=None) -> tuple[dict | None, bool | None, int]:
-    "One optimiser step over `accum_steps` micro-batches as one batch, then (all came, loss finite) the update at `lr`, and the clamp."
-    scaler = scaler or torch.amp.GradScaler(enabled=False)
+@dataclass
+class StepOptions:
+    "How `train_step` steps, besides the model, its batches, the optimiser and the learning rate."
+    scaler: object = None                      # a `torch.amp.GradScaler` (None: a disabled one, as fp32 and bf16 need)
+    precision: str = 'fp32'                    # autocast precision, one of `device.PRECISIONS`
+    accum_steps: int = 1                       # micro-batches per optimiser step, taken as one batch (`cached_backward`)
+    logit_scale_clamp: tuple | None = None     # (min, max) of the logit scale after each step: the method's
+    fwd: Callable | None = None                # the forward of one batch (None: the model itself)
+
+def train_step(model, micro_batches, optimizer, lr: float, options: StepOptions | None = None, **kw) -> tuple[dict | None, bool | None, int]:
+    "One optimiser step over `accum_steps` micro-batches as one batch, then (all came, loss finite) the update at `lr`, and the clamp (`kw`: `StepOptions` fields)."
+    o = replace(options or StepOptions(), **kw)
+    scaler = o.scaler or torch.amp.GradScaler(enabled=False)
     device = next(unwrap(model).parameters()).device
     model.train()
     batches = list(micro_batches)
-    if len(batches) < accum_steps or not batches: return None, None, len(batches)   # an epoch's tail: no partial batch
-    if accum_steps > 1: out = cached_backward(model, batches, scaler, precision)
+    if len(batches) < o.accum_steps or not batches: return None, None, len(batches)   # an epoch's tail: no partial batch
+    if o.accum_steps > 1: out = cached_backward(model, batches, scaler, o.precision)
     else:
-        with autocast(device, precision): out = (model if fwd is None else fwd)(batches[0])
+        with autocast(device, o.precision): out = (model if o.fwd is None else o.fwd)(batches[0])
         scaler.scale(out['loss']).backward()
     for g in optimizer.param_groups: g['lr'] = lr
     finite = bool(torch.isfinite(out['loss']).item())
     if finite: scaler.step(optimizer)
     scaler.update(); optimizer.zero_grad(set_to_none=True)
-    clamp_logit_scale(model, logit_scale_clamp)
+    clamp_logit_scale(model, o.logit_scale_clamp)
     return out, finite, len(batches)
 

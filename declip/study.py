@@ -6,8 +6,10 @@
 from __future__ import annotations
 import hashlib, json, os, re, shutil, subprocess, sys, tempfile, threading, time, warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 import numpy as np, pandas as pd
 from fastcore.script import call_parse, Param, store_true
 
@@ -19,16 +21,16 @@ from .runs import markdown_table, provenance, read_metrics, RunLock, RunDirLocke
 from .train import train, primary_score
 
 # %% auto #0
-__all__ = ['ABLATION_VARIANTS', 'VARIANT_GROUPS', 'KEY_NAMES', 'FINAL_WEIGHTS', 'QUEUE_METRICS', 'SWEPT', 'REPORTS',
-           'RUN_FOLDER_PARAMS', 'test_split_spec', 'study_run', 'uses_queue', 'run_cost', 'run_key', 'subset_sizes',
-           'subset_spec', 'test_checkpoints', 'train_and_test', 'die_with_parent', 'run_record', 'write_record',
-           'read_record', 'complete_test', 'run_grid', 'record_row', 'incomplete_grid_note', 'per_item_note',
-           'cut_grid_note', 'mean_std', 'difference', 'compare', 'paired_interval', 'holm', 'verdict',
-           'detectable_difference', 'variance_parts', 'item_outcomes', 'paired_comparisons', 'design_power',
-           'queue_sources', 'budget_check', 'tuned_point', 'learning_curves', 'mean_curve', 'budget_rule',
-           'compute_ratio', 'equal_compute', 'best_final_table', 'plot_learning_curves', 'saving_factor',
-           'notebook_sources', 'stale_notebooks', 'execute_notebooks', 'default_runs_dir', 'ReportFailed', 'regenerate',
-           'report_list', 'reports_cli', 'shared_folders']
+__all__ = ['ABLATION_VARIANTS', 'VARIANT_GROUPS', 'STUDY_DEFAULTS', 'KEY_NAMES', 'FINAL_WEIGHTS', 'QUEUE_METRICS', 'SWEPT',
+           'REPORTS', 'RUN_FOLDER_PARAMS', 'test_split_spec', 'study_run', 'uses_queue', 'run_cost', 'run_key',
+           'subset_sizes', 'subset_spec', 'test_checkpoints', 'train_and_test', 'die_with_parent', 'run_record',
+           'write_record', 'read_record', 'complete_test', 'GridOptions', 'run_grid', 'record_row',
+           'incomplete_grid_note', 'per_item_note', 'cut_grid_note', 'mean_std', 'difference', 'compare',
+           'paired_interval', 'holm', 'verdict', 'detectable_difference', 'variance_parts', 'item_outcomes',
+           'paired_comparisons', 'design_power', 'queue_sources', 'budget_check', 'tuned_point', 'learning_curves',
+           'mean_curve', 'budget_rule', 'compute_ratio', 'equal_compute', 'best_final_table', 'plot_learning_curves',
+           'saving_factor', 'notebook_sources', 'stale_notebooks', 'execute_notebooks', 'default_runs_dir',
+           'ReportFailed', 'regenerate', 'report_list', 'reports_cli', 'shared_folders']
 
 # %% ../nbs/11_study.ipynb #d236c2dc
 ABLATION_VARIANTS = {
@@ -80,24 +82,25 @@ def test_split_spec(eval_data:str) -> str:
     return ' '.join(out)
 
 # %% ../nbs/11_study.ipynb #0cb32d7e
-def study_run(variant:str, seed:int, train_size:int|None, steps:int, batch_size:int=64, image_encoder='vit-tiny',
-              text_encoder='text-tiny', eval_data:str=None, workers:int=0, image_size:int=None, train_data:str=None,
-              train_fraction:float=None, eval_every:int=None, **extra) -> dict:
-    "One run of a study: a variant of `ABLATION_VARIANTS` trained `steps` steps on `train_data` (default: `train_size` synthetic pairs)."
+STUDY_DEFAULTS = dict(batch_size=64, image_encoder='vit-tiny', text_encoder='text-tiny', workers=0, eval_every=None, log_every=10)
+"The `train` parameters a study run takes unless told otherwise (small encoders, one data process, the trainer's own evaluation interval)."
+
+def study_run(variant:str, seed:int, train_size:int|None, steps:int, train_fraction:float=None, **params) -> dict:
+    "One run of a study: a variant of `ABLATION_VARIANTS` trained `steps` steps on `train_data` (default: `train_size` synthetic pairs); `params`: `train` parameters over `STUDY_DEFAULTS` (`eval_data` None: the train data's default evaluation)."
     if variant not in ABLATION_VARIANTS: raise ValueError(f"variant {variant!r} is unknown; expected one of {list(ABLATION_VARIANTS)}")
-    train_data = train_data or f'synthetic:size={train_size}'
+    train_data = params.pop('train_data', None) or f'synthetic:size={train_size}'
     kind = parse_data_spec(train_data).kind
     if train_fraction is not None and not (0 < train_fraction <= 1 and kind == 'openclipart'):
         raise ValueError(f"train_fraction={train_fraction!r}: expected a fraction in (0, 1] of openclipart data (synthetic: set train_size)")
     fraction = None if train_fraction in (None, 1) else float(train_fraction)
-    eval_data = default_eval_data(train_data) if eval_data is None else eval_data
-    params = dict(ABLATION_VARIANTS[variant], train_data=train_data, eval_data=eval_data,
-                  image_encoder=image_encoder, text_encoder=text_encoder, batch_size=batch_size, max_steps=steps,
-                  seed=seed, workers=workers, eval_every=eval_every, log_every=10, **({'image_size': image_size} if image_size else {}), **extra)
+    eval_data = params.pop('eval_data', None)
+    if not params.get('image_size'): params.pop('image_size', None)
+    params = dict(ABLATION_VARIANTS[variant]) | STUDY_DEFAULTS | dict(train_data=train_data, max_steps=steps, seed=seed,
+                  eval_data=default_eval_data(train_data) if eval_data is None else eval_data) | params
     if fraction: params['train_fraction'] = fraction          # a study parameter (see `train_and_test`); absent at 100%
     data = f'n{train_size}' if kind == 'synthetic' else kind + (f'-f{fraction:g}' if fraction else '')
     return dict(name=f'{variant}-{data}-s{seed}', variant=variant, method=params['method'], seed=seed, train_size=train_size,
-                train_fraction=fraction or 1.0, test_data=test_split_spec(eval_data), params=params)
+                train_fraction=fraction or 1.0, test_data=test_split_spec(params['eval_data']), params=params)
 
 def uses_queue(variant:str) -> bool:
     "Whether a variant of `ABLATION_VARIANTS` trains with the nearest-neighbour queue."
@@ -154,10 +157,9 @@ def subset_spec(train_data:str, fraction:float, dest) -> str:
 def _evaluate_items(weights, eval_data:str='', probe_data:str='') -> tuple[dict, dict]:
     "Metrics and per-item outputs of a checkpoint or weights file: ({set: metrics}, {set: items}); ({}, {}) with no data."
     if not (eval_data or probe_data): return {}, {}
-    import torch
     from declip.inference import evaluate
-    res = evaluate(weights, eval_data=eval_data or '', probe_data=probe_data or None, per_item=True,
-                   device='cuda' if torch.cuda.is_available() else 'cpu')
+    from declip.device import default_device
+    res = evaluate(weights, eval_data=eval_data or '', probe_data=probe_data or None, per_item=True, device=default_device())
     return res, {k: d.pop('per_item') for k, d in res.items() if 'per_item' in d}
 
 def test_checkpoints(run_dir, test_data:str, best_step:int|None=None, steps:int|None=None, ood_data:str='', probe_data:str='') -> dict:
@@ -367,35 +369,28 @@ def _complete(done:dict, todo:list, runs:list, root):
         del done[i]; todo.append((i, runs[i], d, _child_params(runs[i], d)))
 
 # %% ../nbs/11_study.ipynb #5b52a237
-def run_grid(runs:list,              # dicts: `name` (a label), `params` (train kwargs), `test_data` (optional), other keys kept as columns
-             root=None,              # run folders go here, one per distinct parameter set (None: `default_runs_dir()`)
-             jobs:int=2,             # runs at once
-             threads:int=1,          # torch threads per run
-             rerun:bool=False,       # True: ignore finished runs and records and train again
-             keep_weights:bool=False, # keep finished runs' checkpoints (False: only config, metrics, summary and test.json stay)
-             cost=None,              # optional callable(run) -> relative cost, to start long runs first
-             progress:bool=True,
-             records=None,           # folder of per-run JSON records (reports/<study>/runs), or a list of them: read instead of
-                                     # training; new records are written to the first (runs shared with another study stay in its folder)
-             train:bool=True):       # False: train nothing; runs without a record or finished folder are left out (`.attrs['missing']`)
-    "Execute `runs` (cached by parameters and by `records`, `jobs` at a time); one row per run, its records in `.attrs['records']`."
+@dataclass
+class GridOptions:
+    "How `run_grid` executes a study's runs (the study notebooks' `jobs`, `threads`, `records`, `train` parameters end here)."
+    root: object = None             # run folders go here, one per distinct parameter set (None: `default_runs_dir()`)
+    jobs: int = 2                   # runs at once
+    threads: int = 1                # torch threads per run
+    rerun: bool = False             # True: ignore finished runs and records and train again
+    keep_weights: bool = False      # keep finished runs' checkpoints (False: only config, metrics, summary and test.json stay)
+    cost: Callable | None = None    # callable(run) -> relative cost, to start long runs first
+    progress: bool = True
+    records: object = None          # folder of per-run JSON records (reports/<study>/runs), or a list of them: read instead of
+                                    # training; new records are written to the first (runs shared with another study stay in its folder)
+    train: bool = True              # False: train nothing; runs without a record or finished folder are left out (`.attrs['missing']`)
+
+def _train_todo(todo: list, runs: list, done: dict, folders: list, o: GridOptions, missing: list):
+    "Train the runs of `todo`, `o.jobs` at a time, longest first (`o.cost`); each finished run's record into `done` and the first records folder."
     from tqdm.auto import tqdm
-    root, folders = Path(root) if root else default_runs_dir(), _folders(records)
-    done, todo = _plan(runs, root, records, rerun)
-    if train: _complete(done, todo, runs, root)     # recorded runs: the sets they lack, from their weights or trained again
-    if folders:
-        for rec, source in done.values():
-            if source != 'shared record': write_record(rec, folders[0])
-    missing = [r for _, r, _, _ in todo] if not train else []
-    if not train: todo = []
-    if not train and runs and not done: raise RuntimeError(
-        f"none of the {len(runs)} runs has a record in {', '.join(map(str, folders)) or '(no records folder)'} "
-        f"or a finished folder in {root} (train=False trains nothing)")
-    if cost: todo.sort(key=lambda t: -cost(t[1]))
+    if o.cost: todo.sort(key=lambda t: -o.cost(t[1]))
     errors = []
-    bar = tqdm(total=len(runs) - len(missing), initial=len(done), desc='runs', disable=not progress)
-    with ThreadPoolExecutor(max(1, jobs)) as pool:
-        futs = {pool.submit(_launch, params, d, threads, keep_weights): (i, r, d) for i, r, d, params in todo}
+    bar = tqdm(total=len(runs) - len(missing), initial=len(done), desc='runs', disable=not o.progress)
+    with ThreadPoolExecutor(max(1, o.jobs)) as pool:
+        futs = {pool.submit(_launch, params, d, o.threads, o.keep_weights): (i, r, d) for i, r, d, params in todo}
         for f in as_completed(futs):
             i, r, d = futs[f]
             try:
@@ -405,6 +400,21 @@ def run_grid(runs:list,              # dicts: `name` (a label), `params` (train 
             bar.update(1)
     bar.close()
     if errors: raise RuntimeError(f"{len(errors)} of {len(runs)} runs failed (finished runs are kept; run again to retry):\n\n" + '\n\n'.join(errors))
+
+def run_grid(runs: list, options: GridOptions | None = None, **kw) -> pd.DataFrame:
+    "Execute `runs` (dicts: `name` (a label), `params` (train kwargs), `test_data` (optional), other keys kept as columns), cached by parameters and by `records`, `jobs` at a time; one row per run, its records in `.attrs['records']` (`kw`: `GridOptions` fields)."
+    o = replace(options or GridOptions(), **kw)
+    root, folders = Path(o.root) if o.root else default_runs_dir(), _folders(o.records)
+    done, todo = _plan(runs, root, o.records, o.rerun)
+    if o.train: _complete(done, todo, runs, root)     # recorded runs: the sets they lack, from their weights or trained again
+    if folders:
+        for rec, source in done.values():
+            if source != 'shared record': write_record(rec, folders[0])
+    missing = [r for _, r, _, _ in todo] if not o.train else []
+    if not o.train and runs and not done: raise RuntimeError(
+        f"none of the {len(runs)} runs has a record in {', '.join(map(str, folders)) or '(no records folder)'} "
+        f"or a finished folder in {root} (train=False trains nothing)")
+    _train_todo(todo if o.train else [], runs, done, folders, o, missing)
     df = pd.DataFrame([record_row(*done[i], run_dir=root / f"{_slug(runs[i]['name'])}-{done[i][0]['key']}") for i in sorted(done)])
     df.attrs['records'], df.attrs['missing'] = [done[i][0] for i in sorted(done)], missing
     return df
@@ -876,6 +886,9 @@ REPORTS = {
         variants=['CLIP', '+ISS+TSS', '+MVS+ISS+TSS', 'DeCLIP'], seeds=3, compute_seeds=0, layout='60-10-30', coarse=True, nn_queue=0.25, ood=True,
         probe=True, tuned_from=['evidence-sweep', 'evidence-pilot'], shared=['evidence-headline', 'evidence-pilot', 'evidence-sweep'],
         against={'+ISS+TSS': 'CLIP', '+MVS+ISS+TSS': '+ISS+TSS', 'DeCLIP': '+MVS+ISS+TSS'})),
+    'evidence-data-efficiency': dict(notebook='nbs/openclipart_study.ipynb', output_param='output', jobs=True, train=True, parameters=dict(
+        variants=['CLIP', 'DeCLIP'], fractions=[0.25, 0.5, 1.0], seeds=3, compute_seeds=0, layout='60-10-30', coarse=True, nn_queue=0.25,
+        ood=True, probe=True, tuned_from=['evidence-sweep', 'evidence-pilot'], shared=['evidence-headline', 'evidence-pilot', 'evidence-sweep'])),
     'train-declip-32ep': dict(notebook='nbs/train.ipynb', parameters=dict(epochs=32), output_param='output_dir'),
     'train-clip-32ep':   dict(notebook='nbs/train.ipynb', parameters=dict(epochs=32, method='clip'), output_param='output_dir'),
     'performance':       dict(script='benchmarks/step.py', smoke_args=['--quick'], report='performance'),

@@ -22,7 +22,7 @@ from fastcore.script import bool_arg
 from .models import DeCLIP, ModelConfig, METHODS, SWITCHES, ALIASES, canonical_switches, model_config
 from .encoders import IMAGE_ENCODERS, TEXT_ENCODERS
 from .pipeline import DataSpec, parse_data_spec, open_train_data, make_train_loader, default_data, reader_defaults, SamplePipeline, VIEW_DEVICES, resolve_view_device, finish_batch, STOP_SIGNALS
-from .device import (PRECISIONS, setup_distributed, leave_distributed, seed_all, to_device, equal_batches, unwrap,
+from .device import (PRECISIONS, default_device, setup_distributed, leave_distributed, seed_all, to_device, equal_batches, unwrap,
                            sum_counts_over_ranks, mean_over_ranks, threading_main, peak_memory_mb, autocast)
 from .runs import (Checkpointer, MetricsLog, RunLock, CHECKPOINT_KEYS, environment_info, plot_run,
                          load_checkpoint_file, nonfinite_tensors, results_table)
@@ -110,7 +110,7 @@ class TrainParams:
         "Refuse a bad parameter before any work, naming it and the accepted values (each field's own check, then the rules between fields)."
         for f in fields(self):
             if f.metadata['check'] is not None: f.metadata['check'](f.name, getattr(self, f.name))
-        resolve_view_device(self.view_device, self.device or ('cuda' if torch.cuda.is_available() else 'cpu'), self.decode_device)
+        resolve_view_device(self.view_device, self.device or default_device(), self.decode_device)
         if self.batch_size < 2:
             raise ValueError(f"batch_size={self.batch_size} is too small: a contrastive step needs at least 2 samples on each device "
                              "(and batch-norm heads need 2 per device); use batch_size >= 2")
@@ -509,8 +509,8 @@ def evaluate_run(run: RunConfig, s: Setup, state: TrainState, log: MetricsLog, p
     "Evaluate on rank 0 with the method's scoring, log it (`per_item`: each item's outcome into per_item.json); (results, whether it is the best so far)."
     if not (run.eval_sets and s.is_main): return {}, False
     t = time.time()
-    res = evaluate_sets(unwrap(s.model), run.eval_sets, s.device, run.params.precision, scoring=zero_shot_scoring(unwrap(s.model), run.params.method),
-                        progress=run.params.progress, per_item=per_item)
+    res = evaluate_sets(unwrap(s.model), run.eval_sets, device=s.device, precision=run.params.precision,
+                        scoring=zero_shot_scoring(unwrap(s.model), run.params.method), progress=run.params.progress, per_item=per_item)
     items = {k: d.pop('per_item') for k, d in res.items() if 'per_item' in d}
     if items: (run.output_dir / 'per_item.json').write_text(json.dumps(dict(step=state.step, sets=items)))
     log.write(dict(type='eval', step=state.step, epoch=state.epoch, eval_s=time.time() - t,
@@ -583,8 +583,9 @@ def take_step(self: Trainer, batches) -> tuple | None:
     run, s, state, sch, r = self.run, self.s, self.state, self.s.schedule, self.run.recipe
     lr = lr_at(state.step + 1, sch['total_steps'], r['lr'], r['base_lr'], sch['warmup_steps'], run.params.min_lr)
     at = state.batch_in_epoch
-    try: out, finite, n = train_step(s.ddp, itertools.islice(batches, run.params.accum_steps), s.opt, lr, s.scaler,
-                                     run.params.precision, run.params.accum_steps, r['logit_scale_clamp'], fwd=s.fwd)
+    try: out, finite, n = train_step(s.ddp, itertools.islice(batches, run.params.accum_steps), s.opt, lr, scaler=s.scaler,
+                                     precision=run.params.precision, accum_steps=run.params.accum_steps,
+                                     logit_scale_clamp=r['logit_scale_clamp'], fwd=s.fwd)
     except RuntimeError:                                # e.g. the DataLoader's workers ended by the same signal
         if self.stop['signal'] is None: raise
         state.batch_in_epoch = at; s.opt.zero_grad(set_to_none=True)
@@ -621,7 +622,7 @@ def probe_final(run, s, state, log) -> dict:
     model, t, res, items = unwrap(s.model), time.time(), {}, {}
     for name, (train_set, test_set) in run.probe_sets.items():
         with autocast(s.device, run.params.precision):
-            r = linear_probe_eval(model, train_set, test_set, resolve_transform(model, None), device=s.device, progress=run.params.progress, per_item=True)
+            r = linear_probe_eval(model, train_set, test_set, device=s.device, progress=run.params.progress, per_item=True)
         items[f'probe.{name}'] = r.pop('per_item')
         res[f'probe.{name}'] = {k: float(v) for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     path = run.output_dir / 'per_item.json'

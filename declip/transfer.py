@@ -5,6 +5,7 @@
 # %% ../nbs/08b_transfer.ipynb #0bd924db
 from __future__ import annotations
 import hashlib, os, warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, NamedTuple
 import numpy as np
@@ -209,15 +210,15 @@ def transfer_from_spec(spec) -> dict[str, ProbeSet]:
     return transfer_suite(names or None, {n: values for n in TRANSFER_SETS})
 
 # %% ../nbs/08b_transfer.ipynb #c0c63022
-def probe_suite(model, suite: dict[str, ProbeSet], transform=None, batch_size: int = 256, device=None, per_item: bool = False,
-                progress: bool = False, **probe_kwargs) -> dict:
-    "Linear-probe metrics of `model` on every set of `suite`: {name: {top1, top5, mean_per_class_recall, best_l2, ...}}."
-    from declip.evaluation import linear_probe_eval
+def probe_suite(model, suite: dict[str, ProbeSet], options=None, **kw) -> dict:
+    "Linear-probe metrics of `model` on every set of `suite`: {name: {top1, top5, mean_per_class_recall, best_l2, ...}} (`kw`: `evaluation.EvalOptions` fields)."
+    from declip.evaluation import linear_probe_eval, eval_options
     from declip.transforms import eval_transform
-    tf = transform or eval_transform(getattr(model, 'image_size', 224))
+    o = eval_options(options, **kw)
+    if o.transform is None: o = replace(o, transform=eval_transform(getattr(model, 'image_size', 224)))
     out = {}
     for name, ps in suite.items():
-        r = linear_probe_eval(model, ps.train, ps.test, tf, batch_size=batch_size, device=device, progress=progress, per_item=per_item, **probe_kwargs)
+        r = linear_probe_eval(model, ps.train, ps.test, o)
         out[name] = {k: (float(v) if k != 'per_item' else v) for k, v in r.items()
                      if k == 'per_item' or (isinstance(v, (int, float)) and not isinstance(v, bool))}
         out[name].update(train_images=float(len(ps.train)), test_images=float(len(ps.test)))

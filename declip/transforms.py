@@ -5,6 +5,7 @@
 # %% ../nbs/01_transforms.ipynb #5d65293d
 from __future__ import annotations
 import math
+from dataclasses import dataclass
 import torch
 import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
@@ -54,17 +55,28 @@ def random_resized_crop_params(generator: torch.Generator, width: int, height: i
     return (height - h) // 2, (width - w) // 2, h, w
 
 # %% ../nbs/01_transforms.ipynb #bbe982ba
+@dataclass(eq=False)
 class MoCoV2View:
-    "The official MOCOV2 view (crop, colour jitter, grayscale, blur, flip, normalise), drawn from a `torch.Generator`."
-    def __init__(self, image_size: int, scale=(0.2, 1.0), ratio=(3/4, 4/3), jitter=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8,
-                 p_grayscale=0.2, blur_sigma=(0.1, 2.0), p_blur=0.5, p_flip=0.5, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        self.image_size = _check_size(image_size)
-        self.scale, self.ratio, self.p_jitter, self.p_grayscale = tuple(scale), tuple(ratio), p_jitter, p_grayscale
-        b, c, s, h = jitter
+    "The official MOCOV2 view (crop, colour jitter, grayscale, blur, flip, normalise), drawn from a `torch.Generator`; its settings are its fields (torchvision's names and defaults)."
+    image_size: int
+    scale: tuple = (0.2, 1.0)                 # RandomResizedCrop's area fraction
+    ratio: tuple = (3/4, 4/3)                 # ... and aspect ratio range
+    jitter: tuple = (0.4, 0.4, 0.4, 0.1)      # ColorJitter's brightness, contrast, saturation, hue
+    p_jitter: float = 0.8
+    p_grayscale: float = 0.2
+    blur_sigma: tuple = (0.1, 2.0)            # GaussianBlur's sigma range
+    p_blur: float = 0.5
+    p_flip: float = 0.5
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+
+    def __post_init__(self):
+        self.image_size = _check_size(self.image_size)
+        self.scale, self.ratio, self.blur_sigma = tuple(self.scale), tuple(self.ratio), tuple(self.blur_sigma)
+        b, c, s, h = self.jitter
         # ColorJitter's factor ranges: brightness/contrast/saturation in [max(0, 1-x), 1+x], hue in [-h, h]
         self.jitter_ranges = [(max(0., 1 - b), 1 + b), (max(0., 1 - c), 1 + c), (max(0., 1 - s), 1 + s), (-h, h)]
-        self.blur_sigma, self.p_blur, self.p_flip = tuple(blur_sigma), p_blur, p_flip
-        self.mean, self.std = list(mean), list(std)
+        self.mean, self.std = list(self.mean), list(self.std)
 
     def sample_params(self, generator: torch.Generator, width: int, height: int) -> dict:
         "Make every random draw of one view, in torchvision's order."
