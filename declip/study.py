@@ -29,8 +29,8 @@ __all__ = ['ABLATION_VARIANTS', 'VARIANT_GROUPS', 'STUDY_DEFAULTS', 'KEY_NAMES',
            'paired_interval', 'holm', 'verdict', 'detectable_difference', 'variance_parts', 'item_outcomes',
            'paired_comparisons', 'design_power', 'queue_sources', 'budget_check', 'tuned_point', 'learning_curves',
            'mean_curve', 'budget_rule', 'compute_ratio', 'equal_compute', 'best_final_table', 'plot_learning_curves',
-           'saving_factor', 'notebook_sources', 'stale_notebooks', 'execute_notebooks', 'default_runs_dir',
-           'ReportFailed', 'regenerate', 'report_list', 'reports_cli', 'shared_folders']
+           'saving_factor', 'paired_saving_factor', 'notebook_sources', 'stale_notebooks', 'execute_notebooks',
+           'default_runs_dir', 'ReportFailed', 'regenerate', 'report_list', 'reports_cli', 'shared_folders']
 
 # %% ../nbs/11_study.ipynb #d236c2dc
 ABLATION_VARIANTS = {
@@ -808,6 +808,50 @@ def saving_factor(df:pd.DataFrame, metric:str, base='CLIP', other='DeCLIP', meth
                          reading=fmt(k, n) + (f' (above all of {base})' if k == np.inf else f' (below all of {base})' if k == -np.inf else ''),
                          interval=f'{fmt(lo, n)} to {fmt(hi, n)}'))
     return pd.DataFrame(rows).set_index('pairs')
+
+# %% ../nbs/11_study.ipynb #6ba47917
+def _factor_reads(means: dict, base: str, other: str) -> dict:
+    "{fraction f of `other`: k with other(f) = base(k f)} from {(variant, fraction): mean} (+-inf outside the baseline's range)."
+    fracs = sorted(f for v, f in means if v == base)
+    curve = [means[(base, f)] for f in fracs]
+    return {f: _invert(fracs, curve, m) / f for (v, f), m in means.items() if v == other}
+
+def _fraction_groups(records: list, metric: str, names: tuple, split: str) -> tuple[list, dict]:
+    "(item ids, {(variant, fraction): [runs, items] outcomes}) of the runs of `names` with per-item outputs of `metric`."
+    runs = [r for r in _runs_with(records, metric, split) if r.get('variant') in names]
+    ids, out = item_outcomes(runs, metric, split)
+    keys = [(r['variant'], float(r.get('train_fraction') or 1.0)) for r in runs]
+    return ids, {k: out[[j for j, kj in enumerate(keys) if kj == k]] for k in sorted(set(keys))}
+
+def _factor_verdict(low: float, high: float, rises: bool) -> str:
+    "The rule on k, stated before the runs: a finding only where the baseline's curve rises; 'saves data' above 1, 'needs more data' below."
+    if not rises: return 'cannot tell: the baseline does not rise measurably'
+    return 'saves data' if low > 1 else 'needs more data' if high < 1 else 'cannot tell'
+
+def paired_saving_factor(records: list, metric: str, base: str = 'CLIP', other: str = 'DeCLIP', split: str = 'test',
+                         n_boot: int = 2000) -> pd.DataFrame:
+    "Per fraction f of `other`: k with `other`(f) = `base`(k f) on `metric` ('set/metric'), a paired 95 % interval (items and seeds resampled), the baseline's rise and the verdict."
+    ids, groups = _fraction_groups(records, metric, (base, other), split)
+    fracs = sorted(f for v, f in groups if v == base)
+    if len(fracs) < 2: raise ValueError(f'paired_saving_factor: {base} has per-item {metric} at {len(fracs)} fraction(s); a curve needs 2')
+    rng = np.random.default_rng(0)
+    w = _item_weights(rng, len(ids), n_boot)                              # the same item draws for every run
+    boot_means = {k: _seed_means(rng, out, w) for k, out in groups.items()}
+    reads = [_factor_reads({k: m[j] for k, m in boot_means.items()}, base, other) for j in range(n_boot)]
+    point = _factor_reads({k: out.mean() for k, out in groups.items()}, base, other)
+    rise = paired_interval(groups[(base, fracs[0])], groups[(base, fracs[-1])], n_boot=n_boot)
+    rows = []
+    for f in sorted(point):
+        b = np.array([r[f] for r in reads])
+        lo, hi = np.quantile(b, [.025, .975], method='nearest')              # nearest: defined with the +-inf of out-of-range reads
+        bound = lambda k: f'> {fracs[-1] / f:.2g}' if k == np.inf else f'< {fracs[0] / f:.2g}' if k == -np.inf else f'{k:.2f}'
+        rows.append(dict(fraction=f, k=point[f], low=float(lo), high=float(hi), reading=f'{bound(point[f])} [{bound(lo)}, {bound(hi)}]',
+                         above_range=float(np.mean(b == np.inf)),
+                         below_range=float(np.mean(b == -np.inf)), items=len(ids),
+                         runs=f"{len(groups[(other, f)])} vs {'/'.join(str(len(groups[(base, g)])) for g in fracs)}",
+                         base_rise=f"{rise['diff']:+.3f} [{rise['low']:+.3f}, {rise['high']:+.3f}]",
+                         verdict=_factor_verdict(lo, hi, rise['low'] > 0)))
+    return pd.DataFrame(rows).set_index('fraction')
 
 # %% ../nbs/11_study.ipynb #b2c3d4e5
 def notebook_sources(path) -> list:
