@@ -24,6 +24,8 @@ IMAGE_ENCODERS = {
     'vit-b32':     dict(kind='vit', timm_name='vit_base_patch32_clip_224', embed_dim=512, image_size=224),
     'vit-tiny':    dict(kind='vit', timm_name='vit_base_patch32_clip_224', embed_dim=256, image_size=64,
                         timm_kwargs=dict(patch_size=8, embed_dim=192, depth=4, num_heads=3)),
+    'vit-small':   dict(kind='vit', timm_name='vit_base_patch32_clip_224', embed_dim=256, image_size=64,
+                        timm_kwargs=dict(patch_size=8, embed_dim=288, depth=6, num_heads=4)),
     'resnet-tiny': dict(kind='resnet', byob_cfg=_TINY_RESNET, embed_dim=256, image_size=64),
 }
 "The image-encoder presets: name -> how to build it (timm name or config), joint embedding size, native image size."

@@ -75,7 +75,7 @@ class TrainParams:
     train_data: str = param('synthetic', 'data spec: synthetic[:k=v,...], openclipart[:ROOT][:k=v,...], csv:PATH, tsv:PATH, jsonl:PATH[:ROOT], wds:PATTERN, imagefolder:PATH (captions from the class names)')
     eval_data: str | None = param(None, "eval sets '[name=]spec[@templates] ...'; None = the training data's own (synthetic tasks; openclipart's val split; csv/tsv/jsonl: retrieval on a held-out 2% of the images, 16..1000, none below 100; none for wds); '' = none")
     probe_data: str | None = param(None, "linear probes of the final weights only, '[name=]spec[|test_spec] ...' (e.g. 'transfer', the packaged suite: declip.transfer); None = none")
-    image_encoder: str = param('resnet-tiny', 'resnet-tiny, vit-tiny, vit-b32, rn50', _one_of(IMAGE_ENCODERS))
+    image_encoder: str = param('resnet-tiny', 'resnet-tiny, vit-tiny, vit-small, vit-b32, rn50', _one_of(IMAGE_ENCODERS))
     text_encoder: str = param('text-tiny', 'text-tiny, text-base', _one_of(TEXT_ENCODERS))
     image_size: int | None = param(None, "None = the image encoder's size", _whole(1, none=True))
     context_length: int = param(32, 'text tokens (77 official)', _whole(1))
