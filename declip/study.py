@@ -21,16 +21,17 @@ from .runs import markdown_table, provenance, read_metrics, RunLock, RunDirLocke
 from .train import train, primary_score
 
 # %% auto #0
-__all__ = ['ABLATION_VARIANTS', 'VARIANT_GROUPS', 'STUDY_DEFAULTS', 'KEY_NAMES', 'FINAL_WEIGHTS', 'QUEUE_METRICS', 'SWEPT',
-           'REPORTS', 'RUN_FOLDER_PARAMS', 'test_split_spec', 'study_run', 'uses_queue', 'run_cost', 'run_key',
-           'subset_sizes', 'subset_spec', 'test_checkpoints', 'train_and_test', 'die_with_parent', 'run_record',
-           'write_record', 'read_record', 'complete_test', 'GridOptions', 'run_grid', 'record_row',
-           'incomplete_grid_note', 'per_item_note', 'cut_grid_note', 'mean_std', 'difference', 'compare',
+__all__ = ['ABLATION_VARIANTS', 'VARIANT_GROUPS', 'STUDY_DEFAULTS', 'KEY_NAMES', 'FINAL_WEIGHTS', 'GAIN_VERDICTS',
+           'QUEUE_METRICS', 'SWEPT', 'REPORTS', 'RUN_FOLDER_PARAMS', 'test_split_spec', 'study_run', 'uses_queue',
+           'run_cost', 'run_key', 'subset_sizes', 'subset_spec', 'test_checkpoints', 'train_and_test',
+           'die_with_parent', 'run_record', 'write_record', 'read_record', 'complete_test', 'GridOptions', 'run_grid',
+           'record_row', 'incomplete_grid_note', 'per_item_note', 'cut_grid_note', 'mean_std', 'difference', 'compare',
            'paired_interval', 'holm', 'verdict', 'detectable_difference', 'variance_parts', 'item_outcomes',
-           'paired_comparisons', 'design_power', 'queue_sources', 'budget_check', 'tuned_point', 'learning_curves',
-           'mean_curve', 'budget_rule', 'compute_ratio', 'equal_compute', 'best_final_table', 'plot_learning_curves',
-           'saving_factor', 'paired_saving_factor', 'notebook_sources', 'stale_notebooks', 'execute_notebooks',
-           'default_runs_dir', 'ReportFailed', 'regenerate', 'report_list', 'reports_cli', 'shared_folders']
+           'paired_comparisons', 'contrast_interval', 'gain_changes', 'design_power', 'queue_sources', 'budget_check',
+           'tuned_point', 'learning_curves', 'mean_curve', 'budget_rule', 'compute_ratio', 'equal_compute',
+           'best_final_table', 'plot_learning_curves', 'saving_factor', 'paired_saving_factor', 'notebook_sources',
+           'stale_notebooks', 'execute_notebooks', 'default_runs_dir', 'ReportFailed', 'regenerate', 'report_list',
+           'reports_cli', 'shared_folders']
 
 # %% ../nbs/11_study.ipynb #d236c2dc
 ABLATION_VARIANTS = {
@@ -611,6 +612,41 @@ def paired_comparisons(records: list, pairs: list, margins: dict, split: str = '
         df['verdict'] = [verdict(r.low, r.high, r.margin, r.p_holm) for r in df.itertuples()]
     return df
 
+# %% ../nbs/11_study.ipynb #f1eb1a50
+def contrast_interval(groups: list, coefs: list, level: float = .95, n_boot: int = 4000, seed: int = 0) -> dict:
+    "sum of coefs[i] x mean(groups[i]) over [seeds, items] outcomes on the same items, with `paired_interval`'s two-level bootstrap (items resampled once for all groups): {diff, low, high, p}."
+    gs = [np.atleast_2d(np.asarray(g, dtype=float)) for g in groups]
+    if len({g.shape[1] for g in gs}) != 1: raise ValueError(f'contrast_interval: groups with {sorted({g.shape[1] for g in gs})} items; a paired contrast needs the same items')
+    rng = np.random.default_rng(seed)
+    w = _item_weights(rng, gs[0].shape[1], n_boot)
+    boots = sum(c * _seed_means(rng, g, w) for c, g in zip(coefs, gs))
+    lo, hi = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2])
+    p = min(1., 2 * min((boots <= 0).mean(), (boots >= 0).mean()))
+    return dict(diff=float(sum(c * g.mean() for c, g in zip(coefs, gs))), low=float(lo), high=float(hi), p=float(p))
+
+GAIN_VERDICTS = {'higher': 'grows', 'lower': 'shrinks', 'equivalent': 'stays', 'cannot tell': 'cannot tell'}
+
+def gain_changes(reference: list, records: list, margins: dict, pair: tuple = ('CLIP', 'DeCLIP'), split: str = 'test',
+                 n_boot: int = 4000) -> pd.DataFrame:
+    "Per metric (`margins`: metric -> margin): pair[1]'s gain over pair[0] in `records` minus its gain in `reference` (runs labelled by `label`, else `variant`), 95 % interval, Holm's p, verdict."
+    rows = []
+    for metric, margin in margins.items():
+        groups = [_runs_with([r for r in recs if (r.get('label') or r['variant']) == v], metric, split)
+                  for recs in (reference, records) for v in pair]
+        if not all(groups): continue
+        ids, out = item_outcomes(sum(groups, []), metric, split)
+        if not ids: continue
+        cut = np.cumsum([0] + [len(g) for g in groups])
+        parts = [out[cut[k]:cut[k + 1]] for k in range(4)]
+        res = contrast_interval(parts, [1, -1, -1, 1], n_boot=n_boot)
+        rows.append(dict(metric=metric, items=len(ids), runs=' / '.join(str(len(g)) for g in groups),
+                         reference_gain=float(parts[1].mean() - parts[0].mean()), gain=float(parts[3].mean() - parts[2].mean()), **res, margin=margin))
+    df = pd.DataFrame(rows)
+    if len(df):
+        df['p_holm'] = holm(df.p.tolist())
+        df['verdict'] = [GAIN_VERDICTS[verdict(r.low, r.high, r.margin, r.p_holm)] for r in df.itertuples()]
+    return df
+
 # %% ../nbs/11_study.ipynb #214374c8
 def design_power(records: list, pairs: list, metrics: list, split: str = 'test', label: str = 'label',
                  seed_sd: dict | None = None, seeds=(3, 5)) -> pd.DataFrame:
@@ -935,7 +971,7 @@ REPORTS = {
         ood=True, probe=True, tuned_from=['evidence-sweep', 'evidence-pilot'], shared=['evidence-headline', 'evidence-pilot', 'evidence-sweep'])),
     'evidence-scaling': dict(notebook='nbs/openclipart_study.ipynb', output_param='output', jobs=True, train=True, parameters=dict(
         variants=['CLIP', 'DeCLIP'], seeds=3, compute_seeds=0, layout='60-10-30', coarse=True, nn_queue=0.25, ood=True, probe=True,
-        image_encoder='vit-small', tuned_from=['evidence-sweep', 'evidence-pilot'])),
+        image_encoder='vit-small', tuned_from=['evidence-sweep', 'evidence-pilot'], gain_against=['evidence-headline'])),
     'train-declip-32ep': dict(notebook='nbs/train.ipynb', parameters=dict(epochs=32), output_param='output_dir'),
     'train-clip-32ep':   dict(notebook='nbs/train.ipynb', parameters=dict(epochs=32, method='clip'), output_param='output_dir'),
     'performance':       dict(script='benchmarks/step.py', smoke_args=['--quick'], report='performance'),
