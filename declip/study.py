@@ -26,8 +26,8 @@ __all__ = ['ABLATION_VARIANTS', 'VARIANT_GROUPS', 'STUDY_DEFAULTS', 'KEY_NAMES',
            'run_cost', 'run_key', 'subset_sizes', 'subset_spec', 'test_checkpoints', 'train_and_test',
            'die_with_parent', 'run_record', 'write_record', 'read_record', 'complete_test', 'GridOptions', 'run_grid',
            'record_row', 'incomplete_grid_note', 'per_item_note', 'cut_grid_note', 'mean_std', 'difference', 'compare',
-           'paired_interval', 'holm', 'verdict', 'detectable_difference', 'variance_parts', 'item_outcomes',
-           'paired_comparisons', 'contrast_interval', 'gain_changes', 'design_power', 'queue_sources', 'budget_check',
+           'contrast_interval', 'paired_interval', 'holm', 'verdict', 'detectable_difference', 'variance_parts',
+           'item_outcomes', 'paired_comparisons', 'gain_changes', 'design_power', 'queue_sources', 'budget_check',
            'tuned_point', 'learning_curves', 'mean_curve', 'budget_rule', 'compute_ratio', 'equal_compute',
            'best_final_table', 'plot_learning_curves', 'saving_factor', 'paired_saving_factor', 'notebook_sources',
            'stale_notebooks', 'execute_notebooks', 'default_runs_dir', 'ReportFailed', 'regenerate', 'report_list',
@@ -511,11 +511,23 @@ def _seed_means(rng, outcomes: np.ndarray, weights: np.ndarray) -> np.ndarray:
     pick = rng.integers(0, outcomes.shape[0], size=per_seed.shape)
     return np.take_along_axis(per_seed, pick, 1).mean(1)
 
+def contrast_interval(groups: list, coefs: list, level: float = .95, n_boot: int = 4000, seed: int = 0) -> dict:
+    "sum of coefs[i] x mean(groups[i]) over [seeds, items] outcomes on the same items, with `paired_interval`'s two-level bootstrap (items resampled once for all groups): {diff, low, high, p}."
+    gs = [np.atleast_2d(np.asarray(g, dtype=float)) for g in groups]
+    if len({g.shape[1] for g in gs}) != 1: raise ValueError(f'contrast_interval: groups with {sorted({g.shape[1] for g in gs})} items; a paired contrast needs the same items')
+    rng = np.random.default_rng(seed)
+    w = _item_weights(rng, gs[0].shape[1], n_boot)
+    boots = sum(c * _seed_means(rng, g, w) for c, g in zip(coefs, gs))
+    lo, hi = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2])
+    p = min(1., 2 * min((boots <= 0).mean(), (boots >= 0).mean()))
+    return dict(diff=float(sum(c * g.mean() for c, g in zip(coefs, gs))), low=float(lo), high=float(hi), p=float(p))
+
 def paired_interval(a, b=None, chance: float = 0., level: float = .95, n_boot: int = 4000, seed: int = 0, paired: bool = True) -> dict:
     "Mean of `b` minus mean of `a` ([seeds, items] outcomes on the same items; `b=None`: `a` minus `chance`) with a two-level bootstrap interval: {diff, low, high, p}."
     a = np.atleast_2d(np.asarray(a, dtype=float))
     b = None if b is None else np.atleast_2d(np.asarray(b, dtype=float))
     if b is not None and b.shape[1] != a.shape[1]: raise ValueError(f'paired_interval: {a.shape[1]} items in a but {b.shape[1]} in b: a paired comparison needs the same items')
+    if b is not None and paired: return contrast_interval([a, b], [-1, 1], level, n_boot, seed)
     rng = np.random.default_rng(seed)
     w = _item_weights(rng, a.shape[1], n_boot)
     ma = _seed_means(rng, a, w)
@@ -613,17 +625,6 @@ def paired_comparisons(records: list, pairs: list, margins: dict, split: str = '
     return df
 
 # %% ../nbs/11_study.ipynb #f1eb1a50
-def contrast_interval(groups: list, coefs: list, level: float = .95, n_boot: int = 4000, seed: int = 0) -> dict:
-    "sum of coefs[i] x mean(groups[i]) over [seeds, items] outcomes on the same items, with `paired_interval`'s two-level bootstrap (items resampled once for all groups): {diff, low, high, p}."
-    gs = [np.atleast_2d(np.asarray(g, dtype=float)) for g in groups]
-    if len({g.shape[1] for g in gs}) != 1: raise ValueError(f'contrast_interval: groups with {sorted({g.shape[1] for g in gs})} items; a paired contrast needs the same items')
-    rng = np.random.default_rng(seed)
-    w = _item_weights(rng, gs[0].shape[1], n_boot)
-    boots = sum(c * _seed_means(rng, g, w) for c, g in zip(coefs, gs))
-    lo, hi = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2])
-    p = min(1., 2 * min((boots <= 0).mean(), (boots >= 0).mean()))
-    return dict(diff=float(sum(c * g.mean() for c, g in zip(coefs, gs))), low=float(lo), high=float(hi), p=float(p))
-
 GAIN_VERDICTS = {'higher': 'grows', 'lower': 'shrinks', 'equivalent': 'stays', 'cannot tell': 'cannot tell'}
 
 def gain_changes(reference: list, records: list, margins: dict, pair: tuple = ('CLIP', 'DeCLIP'), split: str = 'test',
@@ -821,19 +822,25 @@ def _invert(sizes, acc, a):
     t = (a - acc[j - 1]) / (acc[j] - acc[j - 1])
     return float(np.exp(logs[j - 1] + t * (logs[j] - logs[j - 1])))
 
+def _factor_reads(means: dict, base: str, other: str) -> dict:
+    "{fraction f of `other`: k with other(f) = base(k f)} from {(variant, fraction): mean} (+-inf outside the baseline's range)."
+    fracs = sorted(f for v, f in means if v == base)
+    curve = [means[(base, f)] for f in fracs]
+    return {f: _invert(fracs, curve, m) / f for (v, f), m in means.items() if v == other}
+
+def _k_reading(k: float, sizes: list, n) -> str:
+    "k as read at size (or fraction) `n` of `sizes`: the number, or the bound outside the baseline's range."
+    return f'> {sizes[-1] / n:.2g}' if k == np.inf else f'< {sizes[0] / n:.2g}' if k == -np.inf else f'{k:.2f}'
+
 def saving_factor(df:pd.DataFrame, metric:str, base='CLIP', other='DeCLIP', method_col='method', size_col='train_size',
                   n_boot:int=1000, seed:int=0):
     "Per size N of `other`: the k with `other`(N) = `base`(k N), with a bootstrap 68% interval (seeds resampled)."
     rng = np.random.default_rng(seed)
     pts = {(m, n): g[metric].to_numpy(float) for (m, n), g in df.groupby([method_col, size_col])}
     sizes = sorted(n for m, n in pts if m == base)
-    def factors(means):
-        curve = [means[(base, n)] for n in sizes]
-        return {n: _invert(sizes, curve, means[(other, n)]) / n for m, n in means if m == other}
-    point = factors({k: v.mean() for k, v in pts.items()})
-    boots = [factors({k: rng.choice(v, len(v)).mean() for k, v in pts.items()}) for _ in range(n_boot)]
-    def fmt(k, n):
-        return (f'> {sizes[-1] / n:.2g}' if k == np.inf else f'< {sizes[0] / n:.2g}' if k == -np.inf else f'{k:.2f}')
+    point = _factor_reads({k: v.mean() for k, v in pts.items()}, base, other)
+    boots = [_factor_reads({k: rng.choice(v, len(v)).mean() for k, v in pts.items()}, base, other) for _ in range(n_boot)]
+    fmt = lambda k, n: _k_reading(k, sizes, n)
     rows = []
     for n in sorted(point):
         b = np.array([x[n] for x in boots])
@@ -846,12 +853,6 @@ def saving_factor(df:pd.DataFrame, metric:str, base='CLIP', other='DeCLIP', meth
     return pd.DataFrame(rows).set_index('pairs')
 
 # %% ../nbs/11_study.ipynb #6ba47917
-def _factor_reads(means: dict, base: str, other: str) -> dict:
-    "{fraction f of `other`: k with other(f) = base(k f)} from {(variant, fraction): mean} (+-inf outside the baseline's range)."
-    fracs = sorted(f for v, f in means if v == base)
-    curve = [means[(base, f)] for f in fracs]
-    return {f: _invert(fracs, curve, m) / f for (v, f), m in means.items() if v == other}
-
 def _fraction_groups(records: list, metric: str, names: tuple, split: str) -> tuple[list, dict]:
     "(item ids, {(variant, fraction): [runs, items] outcomes}) of the runs of `names` with per-item outputs of `metric`."
     runs = [r for r in _runs_with(records, metric, split) if r.get('variant') in names]
@@ -880,7 +881,7 @@ def paired_saving_factor(records: list, metric: str, base: str = 'CLIP', other: 
     for f in sorted(point):
         b = np.array([r[f] for r in reads])
         lo, hi = np.quantile(b, [.025, .975], method='nearest')              # nearest: defined with the +-inf of out-of-range reads
-        bound = lambda k: f'> {fracs[-1] / f:.2g}' if k == np.inf else f'< {fracs[0] / f:.2g}' if k == -np.inf else f'{k:.2f}'
+        bound = lambda k: _k_reading(k, fracs, f)
         rows.append(dict(fraction=f, k=point[f], low=float(lo), high=float(hi), reading=f'{bound(point[f])} [{bound(lo)}, {bound(hi)}]',
                          above_range=float(np.mean(b == np.inf)),
                          below_range=float(np.mean(b == -np.inf)), items=len(ids),
