@@ -962,17 +962,17 @@ REPORTS = {
         sweep={'lr': [0.0005, 0.001, 0.002], 'weight_decay': [0.1, 0.5]}, shared=['evidence-pilot'])),
     'evidence-headline': dict(notebook='nbs/openclipart_study.ipynb', output_param='output', jobs=True, train=True, parameters=dict(
         variants=['CLIP', 'DeCLIP'], seeds=5, compute_seeds=5, layout='60-10-30', coarse=True, nn_queue=0.25, ood=True, probe=True,
-        tuned_from=['evidence-sweep', 'evidence-pilot'], shared=['evidence-pilot', 'evidence-sweep'])),
+        count_selected=False, tuned_from=['evidence-sweep', 'evidence-pilot'], shared=['evidence-pilot', 'evidence-sweep'])),
     'evidence-ablation': dict(notebook='nbs/openclipart_study.ipynb', output_param='output', jobs=True, train=True, parameters=dict(
         variants=['CLIP', '+ISS+TSS', '+MVS+ISS+TSS', 'DeCLIP'], seeds=3, compute_seeds=0, layout='60-10-30', coarse=True, nn_queue=0.25, ood=True,
-        probe=True, tuned_from=['evidence-sweep', 'evidence-pilot'], shared=['evidence-headline', 'evidence-pilot', 'evidence-sweep'],
+        probe=True, count_selected=False, tuned_from=['evidence-sweep', 'evidence-pilot'], shared=['evidence-headline', 'evidence-pilot', 'evidence-sweep'],
         against={'+ISS+TSS': 'CLIP', '+MVS+ISS+TSS': '+ISS+TSS', 'DeCLIP': '+MVS+ISS+TSS'})),
     'evidence-data-efficiency': dict(notebook='nbs/openclipart_study.ipynb', output_param='output', jobs=True, train=True, parameters=dict(
         variants=['CLIP', 'DeCLIP'], fractions=[0.25, 0.5, 1.0], seeds=3, compute_seeds=0, layout='60-10-30', coarse=True, nn_queue=0.25,
-        ood=True, probe=True, tuned_from=['evidence-sweep', 'evidence-pilot'], shared=['evidence-headline', 'evidence-pilot', 'evidence-sweep'])),
+        ood=True, probe=True, count_selected=False, tuned_from=['evidence-sweep', 'evidence-pilot'], shared=['evidence-headline', 'evidence-pilot', 'evidence-sweep'])),
     'evidence-scaling': dict(notebook='nbs/openclipart_study.ipynb', output_param='output', jobs=True, train=True, parameters=dict(
         variants=['CLIP', 'DeCLIP'], seeds=3, compute_seeds=0, layout='60-10-30', coarse=True, nn_queue=0.25, ood=True, probe=True,
-        image_encoder='vit-small', tuned_from=['evidence-sweep', 'evidence-pilot'], gain_against=['evidence-headline'])),
+        image_encoder='vit-small', count_selected=False, tuned_from=['evidence-sweep', 'evidence-pilot'], gain_against=['evidence-headline'])),
     'train-declip-32ep': dict(notebook='nbs/train.ipynb', parameters=dict(epochs=32), output_param='output_dir'),
     'train-clip-32ep':   dict(notebook='nbs/train.ipynb', parameters=dict(epochs=32, method='clip'), output_param='output_dir'),
     'performance':       dict(script='benchmarks/step.py', smoke_args=['--quick'], report='performance'),
