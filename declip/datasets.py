@@ -5,6 +5,7 @@
 # %% ../nbs/02_datasets.ipynb #84f7a84c
 from __future__ import annotations
 import csv, hashlib, heapq, io, itertools, json, math, os, posixpath, random, re, tarfile, warnings, zlib
+from dataclasses import dataclass, replace
 import multiprocessing as mp
 import numpy as np
 from multiprocessing.context import get_spawning_popen
@@ -17,7 +18,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 __all__ = ['CSV_KEY_DEFAULTS', 'SPLITS', 'WDS_IMAGE_EXTS', 'IMAGE_EXTENSIONS', 'BadSample', 'to_rgb', 'load_image',
            'clean_caption', 'ClassificationSet', 'RetrievalSet', 'CsvImageText', 'JsonlImageText', 'image_key',
            'holdout_order', 'count_images', 'HeldOutSplit', 'expand_braces', 'expand_shard_patterns', 'split_shards',
-           'WebDatasetImageText', 'image_folder']
+           'ShardReading', 'WebDatasetImageText', 'image_folder']
 
 # %% ../nbs/02_datasets.ipynb #a365007b
 class BadSample(Exception):
@@ -342,9 +343,10 @@ def expand_shard_patterns(patterns) -> list[str]:
     return [s for p in patterns for s in expand_braces(os.fspath(p))]
 
 # %% ../nbs/02_datasets.ipynb #e850c001
-def split_shards(shards: list[str], rank: int = 0, world_size: int = 1, worker_id: int = 0, num_workers: int = 1,
-                 epoch: int = 0, seed: int = 0, shuffle: bool = True) -> list[str]:
-    "The shards one consumer (rank, DataLoader worker) reads in `epoch`: a seeded shuffle, then a disjoint slice."
+def split_shards(shards: list[str], rank: tuple = (0, 1), worker: tuple = (0, 1), epoch: int = 0, seed: int = 0,
+                 shuffle: bool = True) -> list[str]:
+    "The shards one consumer reads in `epoch` (`rank`: (rank, world size); `worker`: (DataLoader worker id, workers)): a seeded shuffle, then a disjoint slice."
+    (rank, world_size), (worker_id, num_workers) = rank, worker
     if not 0 <= rank < world_size: raise ValueError(f'rank {rank} not in [0, world_size={world_size})')
     if not 0 <= worker_id < num_workers: raise ValueError(f'worker_id {worker_id} not in [0, num_workers={num_workers})')
     shards = list(shards)
@@ -441,12 +443,26 @@ def _decode_sample(key, image, caption, reject_cjk: bool, lazy_jpeg: bool = Fals
     except BadSample as e:
         return key, BadSample(e.reason, f'{key}: {e.detail}'), None
 
+# %% ../nbs/02_datasets.ipynb #1b2af472
+@dataclass(frozen=True)
+class ShardReading:
+    "How `WebDatasetImageText` reads its shards; each field is also an option of the `wds:` data spec (`wds:PATTERN?resampled=1`)."
+    shuffle_shards: bool = True          # a seeded shuffle of the shard order, new each epoch
+    resampled: bool = False              # shards drawn with replacement, an endless stream (open_clip's --dataset-resampled)
+    num_samples: int | None = None       # samples an epoch; None: the counts in sizes.json beside the shards
+    seed: int = 0                        # the shard order's (and the sample buffer's) seed
+    shuffle_buffer: int = 0              # samples shuffled within a buffer of this many (0: shard order)
+    reject_cjk: bool = False             # skip captions in CJK scripts
+    lazy_jpeg: bool = False              # JPEGs opened, not decoded (`load_image`): decoded where first used
+
 # %% ../nbs/02_datasets.ipynb #cc515808
 class WebDatasetImageText(IterableDataset):
     "Stream `(key, PIL.Image | BadSample, caption | None)` from webdataset tar shards, split by rank and DataLoader worker."
-    def __init__(self, pattern, shuffle_shards: bool = True, resampled: bool = False, num_samples: int | None = None,
-                 seed: int = 0, shuffle_buffer: int = 0, rank: int | None = None, world_size: int | None = None,
-                 epoch: int = 0, reject_cjk: bool = False, lazy_jpeg: bool = False):
+    options_type = ShardReading
+    def __init__(self, pattern, options: ShardReading | None = None, *, rank: int | None = None, world_size: int | None = None,
+                 epoch: int = 0, **kw):
+        "`kw`: `ShardReading` fields, replacing those of `options`; `rank` / `world_size` default to torch.distributed's."
+        o = replace(options or ShardReading(), **kw)
         expanded = expand_shard_patterns(pattern)
         self.shards = [s for s in expanded if os.path.isfile(s)]
         missing = [s for s in expanded if not os.path.isfile(s)]
@@ -455,9 +471,9 @@ class WebDatasetImageText(IterableDataset):
         if missing: warnings.warn(f'{len(missing)} of {len(expanded)} shards of {pattern!r} are missing and skipped, e.g. {missing[:3]}')
         self.rank, self.world_size = _dist_rank_world(rank, world_size)
         if not 0 <= self.rank < self.world_size: raise ValueError(f'rank {self.rank} not in [0, world_size={self.world_size})')
-        self.shuffle_shards, self.resampled, self.seed, self.shuffle_buffer, self.reject_cjk = shuffle_shards, resampled, seed, shuffle_buffer, reject_cjk
-        self.lazy_jpeg = lazy_jpeg
-        self.num_samples = num_samples if num_samples is not None else _count_from_metadata(self.shards)
+        self.shuffle_shards, self.resampled, self.seed, self.shuffle_buffer, self.reject_cjk = o.shuffle_shards, o.resampled, o.seed, o.shuffle_buffer, o.reject_cjk
+        self.lazy_jpeg = o.lazy_jpeg
+        self.num_samples = o.num_samples if o.num_samples is not None else _count_from_metadata(self.shards)
         self._epoch = _SharedEpoch(epoch)
         self.source = f'wds:{pattern} ({len(self.shards)} shards, rank {self.rank}/{self.world_size})'
 
@@ -488,7 +504,7 @@ class WebDatasetImageText(IterableDataset):
             limit = None
             if len(self.shards) < consumers and worker_id == 0 and self.rank == 0:
                 warnings.warn(f'{self.source}: {len(self.shards)} shards for {consumers} consumers; some read nothing')
-            shards = split_shards(self.shards, self.rank, self.world_size, worker_id, num_workers, epoch, self.seed, self.shuffle_shards)
+            shards = split_shards(self.shards, (self.rank, self.world_size), (worker_id, num_workers), epoch, self.seed, self.shuffle_shards)
             raw = (sample for shard in shards for sample in _tar_samples(shard))
         if self.shuffle_buffer > 1: raw = _shuffled(raw, self.shuffle_buffer, rng)
         for key, image, caption in itertools.islice(raw, limit):

@@ -575,13 +575,13 @@ def _retrieval_set(folder: Path, index: list[dict], split: str) -> RetrievalSet:
     return RetrievalSet([p for p, _ in pairs], [[c] for _, c in pairs], source=f'openclipart:{split} retrieval ({len(pairs)} pictures)')
 
 def openclipart_eval_sets(root=None, split: str = 'val', task: str = 'all', cache=None, max_side: int = 128,
-                          progress: bool = True, classes: dict | None = None, layout: str = DEFAULT_LAYOUT) -> dict:
+                          progress: bool = True, layout: str = DEFAULT_LAYOUT) -> dict:
     "Held-out sets of one split: {'clipart_objects': ClassificationSet, 'clipart_retrieval': RetrievalSet} (or one, by `task`; 'coarse': 'clipart_coarse', the coarse labelling)."
     if split not in ('val', 'test'): raise ValueError(f'split={split!r}: evaluation uses the held-out splits, val or test')
     if task not in ('all', 'objects', 'retrieval', 'coarse'): raise ValueError(f"task={task!r}: expected 'all', 'objects', 'retrieval' or 'coarse'")
     folder, index = load_openclipart_index(root, cache, max_side, progress, layout)
     sets = {}
-    if task in ('all', 'objects'): sets['clipart_objects'] = _objects_set(folder, index, split, dict(classes or OPENCLIPART_CLASSES))
+    if task in ('all', 'objects'): sets['clipart_objects'] = _objects_set(folder, index, split, OPENCLIPART_CLASSES)
     if task in ('all', 'retrieval'): sets['clipart_retrieval'] = _retrieval_set(folder, index, split)
     if task == 'coarse': sets['clipart_coarse'] = _objects_set(folder, index, split, OPENCLIPART_COARSE_CLASSES, 'coarse')
     return sets

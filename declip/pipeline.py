@@ -112,16 +112,22 @@ def _parse_value(text: str):
         except ValueError: pass
     return text
 
+def _option_defaults(fn) -> dict:
+    "{name: default} of what a reader takes by keyword: its parameters and, where it has an `options_type` record, that record's fields."
+    params = inspect.signature(fn).parameters
+    out = {p: v.default for p, v in params.items() if v.kind in (v.POSITIONAL_OR_KEYWORD, v.KEYWORD_ONLY) and p != 'options'}
+    return out | {f.name: f.default for f in fields(fn.options_type)} if hasattr(fn, 'options_type') else out
+
 def _call_with_options(fn, spec: DataSpec, options: dict, defaults: dict, also_known=(), reserved=()):
     "Call `fn` with `defaults` overridden by the spec `options`, converted to the types of `fn`'s defaults."
-    params = inspect.signature(fn).parameters
-    accepted = [p for p in params if p not in reserved and params[p].kind == params[p].POSITIONAL_OR_KEYWORD]
+    params = _option_defaults(fn)
+    accepted = [p for p in params if p not in reserved]
     kwargs = {k: v for k, v in defaults.items() if k in params}
     for k, v in options.items():
         if k in also_known and k not in accepted: continue
         if k not in accepted or (k in reserved):
             raise ValueError(f'data spec {spec.spec!r}: unknown option {k!r}; {spec.kind} accepts {sorted(set(accepted) | set(also_known))}')
-        kwargs[k] = v if isinstance(params[k].default, str) else _parse_value(v)
+        kwargs[k] = v if isinstance(params[k], str) else _parse_value(v)
     return fn(**kwargs)
 
 def _require(path, what: str, spec: DataSpec, folder=False):
@@ -151,9 +157,9 @@ class ClassCaptionData(Dataset):
 
 # %% ../nbs/04_pipeline.ipynb #39c6349c
 def _synthetic_train(spec, d):
-    return _call_with_options(SyntheticImageText, spec, spec.options, d, also_known=inspect.signature(synthetic_eval_sets).parameters)
+    return _call_with_options(SyntheticImageText, spec, spec.options, d, also_known=_option_defaults(synthetic_eval_sets))
 def _synthetic_eval(spec, d):
-    return _call_with_options(synthetic_eval_sets, spec, spec.options, d, also_known=inspect.signature(SyntheticImageText).parameters)
+    return _call_with_options(synthetic_eval_sets, spec, spec.options, d, also_known=_option_defaults(SyntheticImageText))
 def _wds_train(spec, d):
     _require_shards(spec)
     return _call_with_options(WebDatasetImageText, spec, spec.options, {'pattern': spec.path, 'lazy_jpeg': True, **d},
@@ -163,10 +169,10 @@ def _folder(spec, d):
     return _call_with_options(image_folder, spec, spec.options, {'path': spec.path}, reserved=('path',))
 def _openclipart_train(spec, d):
     return _call_with_options(OpenClipArt, spec, spec.options, {'root': spec.path}, reserved=('root',),
-                              also_known=inspect.signature(openclipart_eval_sets).parameters)
+                              also_known=_option_defaults(openclipart_eval_sets))
 def _openclipart_eval(spec, d):
     return _call_with_options(openclipart_eval_sets, spec, spec.options, {'root': spec.path, **d}, reserved=('root',),
-                              also_known=inspect.signature(OpenClipArt).parameters)
+                              also_known=_option_defaults(OpenClipArt))
 def _openclipart_val(spec) -> str:
     "Open Clip Art's validation split of the same root, cache, picture size and layout."
     options = {'split': 'val'} | {k: v for k, v in spec.options.items() if k in ('cache', 'max_side', 'layout')}

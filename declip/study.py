@@ -22,15 +22,16 @@ from .train import train, primary_score
 
 # %% auto #0
 __all__ = ['ABLATION_VARIANTS', 'VARIANT_GROUPS', 'STUDY_DEFAULTS', 'KEY_NAMES', 'FINAL_WEIGHTS', 'GAIN_VERDICTS',
-           'QUEUE_METRICS', 'SWEPT', 'REPORTS', 'RUN_FOLDER_PARAMS', 'test_split_spec', 'study_run', 'uses_queue',
-           'run_cost', 'run_key', 'subset_sizes', 'subset_spec', 'test_checkpoints', 'train_and_test',
+           'QUEUE_METRICS', 'SWEPT', 'CLAIM_OF_VERDICT', 'REPORTS', 'RUN_FOLDER_PARAMS', 'test_split_spec', 'study_run',
+           'uses_queue', 'run_cost', 'run_key', 'subset_sizes', 'subset_spec', 'test_checkpoints', 'train_and_test',
            'die_with_parent', 'run_record', 'write_record', 'read_record', 'complete_test', 'GridOptions', 'run_grid',
            'record_row', 'incomplete_grid_note', 'per_item_note', 'cut_grid_note', 'mean_std', 'difference', 'compare',
            'contrast_interval', 'paired_interval', 'holm', 'verdict', 'detectable_difference', 'variance_parts',
            'item_outcomes', 'paired_comparisons', 'gain_changes', 'design_power', 'queue_sources', 'budget_check',
            'tuned_point', 'learning_curves', 'mean_curve', 'budget_rule', 'compute_ratio', 'equal_compute',
-           'best_final_table', 'plot_learning_curves', 'saving_factor', 'paired_saving_factor', 'notebook_sources',
-           'stale_notebooks', 'execute_notebooks', 'default_runs_dir', 'ReportFailed', 'regenerate', 'report_list',
+           'best_final_table', 'plot_learning_curves', 'saving_factor', 'paired_saving_factor', 'paired_claim',
+           'majority_claim', 'every_claim', 'saving_claim', 'scaling_claim', 'notebook_sources', 'stale_notebooks',
+           'execute_notebooks', 'default_runs_dir', 'ReportFailed', 'ReportMode', 'regenerate', 'report_list',
            'reports_cli', 'shared_folders']
 
 # %% ../nbs/11_study.ipynb #d236c2dc
@@ -832,11 +833,10 @@ def _k_reading(k: float, sizes: list, n) -> str:
     "k as read at size (or fraction) `n` of `sizes`: the number, or the bound outside the baseline's range."
     return f'> {sizes[-1] / n:.2g}' if k == np.inf else f'< {sizes[0] / n:.2g}' if k == -np.inf else f'{k:.2f}'
 
-def saving_factor(df:pd.DataFrame, metric:str, base='CLIP', other='DeCLIP', method_col='method', size_col='train_size',
-                  n_boot:int=1000, seed:int=0):
-    "Per size N of `other`: the k with `other`(N) = `base`(k N), with a bootstrap 68% interval (seeds resampled)."
+def saving_factor(df:pd.DataFrame, metric:str, base='CLIP', other='DeCLIP', by=('method', 'train_size'), n_boot:int=1000, seed:int=0):
+    "Per size N of `other`: the k with `other`(N) = `base`(k N), with a bootstrap 68% interval (seeds resampled); `by`: the columns of the variant and of the size."
     rng = np.random.default_rng(seed)
-    pts = {(m, n): g[metric].to_numpy(float) for (m, n), g in df.groupby([method_col, size_col])}
+    pts = {(m, n): g[metric].to_numpy(float) for (m, n), g in df.groupby(list(by))}
     sizes = sorted(n for m, n in pts if m == base)
     point = _factor_reads({k: v.mean() for k, v in pts.items()}, base, other)
     boots = [_factor_reads({k: rng.choice(v, len(v)).mean() for k, v in pts.items()}, base, other) for _ in range(n_boot)]
@@ -889,6 +889,40 @@ def paired_saving_factor(records: list, metric: str, base: str = 'CLIP', other: 
                          base_rise=f"{rise['diff']:+.3f} [{rise['low']:+.3f}, {rise['high']:+.3f}]",
                          verdict=_factor_verdict(lo, hi, rise['low'] > 0)))
     return pd.DataFrame(rows).set_index('fraction')
+
+# %% ../nbs/11_study.ipynb #3654397e
+CLAIM_OF_VERDICT = {'higher': 'holds', 'lower': 'does not hold', 'equivalent': 'equivalent', 'cannot tell': 'cannot tell'}
+"A paired verdict (`verdict`) as the verdict on the claim 'the variant is above the reference'."
+
+def paired_claim(paired: pd.DataFrame, metric: str, reference: str = 'CLIP', variant: str = 'DeCLIP') -> dict:
+    "The claim '`variant` is above `reference` on `metric`' from a study's paired rows: {metric, diff, low, high, runs, items, verdict}; 'not measured' without its row."
+    hit = paired[(paired.reference == reference) & (paired.variant == variant) & (paired.metric == metric)] if len(paired) else paired
+    if not len(hit): return dict(metric=metric, verdict='not measured')
+    r = hit.iloc[0]
+    return dict(metric=metric, diff=float(r['diff']), low=float(r.low), high=float(r.high), runs=str(r.runs), items=int(r['items']),
+                verdict=CLAIM_OF_VERDICT[r.verdict])
+
+def majority_claim(verdicts: list) -> str:
+    "'Above on most sets' from per-set paired verdicts: holds past half 'higher'; does not hold when even every undecided set 'higher' leaves half or fewer."
+    n, up, open_ = len(verdicts), list(verdicts).count('higher'), list(verdicts).count('cannot tell')
+    if not n: return 'not measured'
+    return 'holds' if up > n / 2 else 'does not hold' if up + open_ <= n / 2 else 'cannot tell'
+
+def every_claim(verdicts: list) -> str:
+    "'Each step adds' from the steps' claim verdicts: holds when every step holds; does not hold when one is level or below; else cannot tell."
+    if not verdicts or 'not measured' in verdicts: return 'not measured'
+    if all(v == 'holds' for v in verdicts): return 'holds'
+    return 'does not hold' if any(v in ('does not hold', 'equivalent') for v in verdicts) else 'cannot tell'
+
+def saving_claim(verdict: str) -> str:
+    "'Matches the baseline with k x less data' from `paired_saving_factor`'s verdict at the claim's fraction."
+    return {'saves data': 'holds', 'needs more data': 'does not hold'}.get(verdict, 'cannot tell')
+
+def scaling_claim(at_larger: str, change: str) -> str:
+    "'Scaling keeps working': DeCLIP above CLIP with the larger tower (`at_larger`: that claim's verdict, `paired_claim`) and its gain not shrinking (`change`: a `gain_changes` verdict)."
+    if at_larger == 'holds' and change in ('grows', 'stays'): return 'holds'
+    if at_larger in ('does not hold', 'equivalent') or change == 'shrinks': return 'does not hold'
+    return 'cannot tell'
 
 # %% ../nbs/11_study.ipynb #b2c3d4e5
 def notebook_sources(path) -> list:
@@ -973,6 +1007,11 @@ REPORTS = {
     'evidence-scaling': dict(notebook='nbs/openclipart_study.ipynb', output_param='output', jobs=True, train=True, parameters=dict(
         variants=['CLIP', 'DeCLIP'], seeds=3, compute_seeds=0, layout='60-10-30', coarse=True, nn_queue=0.25, ood=True, probe=True,
         image_encoder='vit-small', count_selected=False, tuned_from=['evidence-sweep', 'evidence-pilot'], gain_against=['evidence-headline'])),
+    'evidence-augmentation': dict(notebook='nbs/openclipart_study.ipynb', output_param='output', jobs=True, train=True, parameters=dict(
+        variants=['CLIP', 'DeCLIP, standard views', 'CLIP, MoCo v2 view', 'DeCLIP'], seeds=3, compute_seeds=0, layout='60-10-30', coarse=True,
+        nn_queue=0.25, ood=True, probe=True, count_selected=False, tuned_from=['evidence-sweep', 'evidence-pilot'],
+        shared=['evidence-headline', 'evidence-pilot', 'evidence-sweep'])),
+    'evidence-claims': dict(notebook='nbs/claims.ipynb', output_param='output', parameters={}),
     'train-declip-32ep': dict(notebook='nbs/train.ipynb', parameters=dict(epochs=32), output_param='output_dir'),
     'train-clip-32ep':   dict(notebook='nbs/train.ipynb', parameters=dict(epochs=32, method='clip'), output_param='output_dir'),
     'performance':       dict(script='benchmarks/step.py', smoke_args=['--quick'], report='performance'),
@@ -1017,6 +1056,14 @@ def _failure(name, e, dest: Path, staged: Path) -> str:
 # %% ../nbs/11_study.ipynb #2e653afc
 RUN_FOLDER_PARAMS = ('output_dir',)   # an output parameter naming a training run folder: it stays in place (its checkpoints resume a failed run)
 
+@dataclass(frozen=True)
+class ReportMode:
+    "How `regenerate` runs every report of one call."
+    smoke: bool = False       # tiny parameter sets
+    jobs: int = 2             # a study's training runs at once
+    progress: bool = True     # papermill's progress bar and cell output
+    recorded: bool = False    # studies train nothing: they report their records
+
 def regenerate(names=None, smoke=False, out=None, jobs:int=2, progress=True, recorded=False):
     "Run the report notebooks (all, or `names`) with papermill into `out`/<name>/ (`recorded`: studies train nothing, report their records); return {name: seconds}."
     root = _repo_root()
@@ -1036,28 +1083,28 @@ def regenerate(names=None, smoke=False, out=None, jobs:int=2, progress=True, rec
             subprocess.run(args + ['--report', str(dest / spec['report'])], cwd=root, check=True)
         else:                                   # executed into a staging folder, moved into place only when it succeeds
             staged = _staging(dest)
-            try: _execute_report(spec, root, dest, staged, smoke, jobs, progress, recorded)
+            try: _execute_report(spec, root, dest, staged, ReportMode(smoke, jobs, progress, recorded))
             except Exception as e: raise ReportFailed(_failure(name, e, dest, staged)) from e
             _move_into_place(staged, dest)
         times[name] = time.time() - t0
         print(f"declip-reports: {name} done in {times[name] / 60:.1f} min", flush=True)
     return times
 
-def _execute_report(spec, root, dest, staged, smoke, jobs, progress, recorded):
+def _execute_report(spec, root, dest, staged, mode: ReportMode):
     "Execute a report's notebook(s) into `staged`; a study's per-run records go to `dest`/runs as each run finishes, a training run folder stays `dest`."
     if 'notebooks' in spec:
         paths = sorted(root.glob(spec['notebooks']))
-        if smoke: paths = [p for p in paths if p.name in spec['smoke_notebooks']]
-        return execute_notebooks(paths, staged, progress=progress, current=None if smoke else dest)   # only those whose copy is stale
+        if mode.smoke: paths = [p for p in paths if p.name in spec['smoke_notebooks']]
+        return execute_notebooks(paths, staged, progress=mode.progress, current=None if mode.smoke else dest)   # only those whose copy is stale
     import papermill as pm
     nb = root / spec['notebook']
     in_place = spec['output_param'] in RUN_FOLDER_PARAMS
-    params = dict(spec['parameters'], smoke=smoke, **{spec['output_param']: str(dest if in_place else staged)})
+    params = dict(spec['parameters'], smoke=mode.smoke, **{spec['output_param']: str(dest if in_place else staged)})
     if not in_place and 'records' in _parameter_names(nb): params.setdefault('records', str(dest / 'runs'))
-    if spec.get('jobs'): params['jobs'] = jobs
-    if recorded and spec.get('train'): params['train'] = False
+    if spec.get('jobs'): params['jobs'] = mode.jobs
+    if mode.recorded and spec.get('train'): params['train'] = False
     pm.execute_notebook(str(nb), str(staged / nb.name), parameters=params, cwd=str(root / 'nbs'),
-                        progress_bar=progress, log_output=progress, kernel_name='python3')
+                        progress_bar=mode.progress, log_output=mode.progress, kernel_name='python3')
 
 # %% ../nbs/11_study.ipynb #a5241253
 def report_list(root=None) -> str:

@@ -117,10 +117,11 @@ def get_tokenizer(context_length: int = 77) -> Tokenizer:
     return _TOKENIZERS[context_length]
 
 # %% ../nbs/00_text.ipynb #314babc3
-def mask_tokens(tokens: torch.LongTensor, prob: float = 0.15, generator: torch.Generator | None = None,
-                mask_id: int = MASK_ID, vocab_size: int = VOCAB_SIZE, special_ids=(MASK_ID, SOT_ID, EOT_ID),
-                pad_id: int = PAD_ID, random_can_be_special: bool = True) -> tuple[torch.LongTensor, torch.LongTensor]:
-    "BERT-style MLM masking as in official DeCLIP: returns (masked tokens, labels with -100 where not selected)."
+def mask_tokens(tokens: torch.LongTensor, prob: float = 0.15, generator: torch.Generator | None = None, *,
+                vocab=Tokenizer, random_can_be_special: bool = True) -> tuple[torch.LongTensor, torch.LongTensor]:
+    "BERT-style MLM masking as in official DeCLIP: returns (masked tokens, labels with -100 where not selected); `vocab`'s ids (`mask_id`, `vocab_size`, `pad_id`, the specials `mask_id`, `sot_id`, `eot_id`) are the tokenizer's."
+    mask_id, vocab_size, pad_id = vocab.mask_id, vocab.vocab_size, vocab.pad_id
+    special_ids = (vocab.mask_id, vocab.sot_id, vocab.eot_id)
     if not torch.is_tensor(tokens) or tokens.dtype != torch.long:
         raise TypeError(f'tokens must be a LongTensor [N, L], got {getattr(tokens, "dtype", type(tokens).__name__)}')
     if tokens.dim() not in (1, 2): raise ValueError(f'tokens must be [N, L] (or [L]), got shape {tuple(tokens.shape)}')
