@@ -1101,6 +1101,7 @@ def _execute_report(spec, root, dest, staged, mode: ReportMode):
     in_place = spec['output_param'] in RUN_FOLDER_PARAMS
     params = dict(spec['parameters'], smoke=mode.smoke, **{spec['output_param']: str(dest if in_place else staged)})
     if not in_place and 'records' in _parameter_names(nb): params.setdefault('records', str(dest / 'runs'))
+    if 'reports' in _parameter_names(nb): params.setdefault('reports', str(dest.parent))     # a notebook reading other reports: its siblings' folder
     if spec.get('jobs'): params['jobs'] = mode.jobs
     if mode.recorded and spec.get('train'): params['train'] = False
     pm.execute_notebook(str(nb), str(staged / nb.name), parameters=params, cwd=str(root / 'nbs'),
